@@ -1,0 +1,119 @@
+"""Bundled assets on disk: where they are, their cards, and integrity checks.
+
+Every bundled model is a folder ``assets/models/<name>/`` holding diffusers ``save_pretrained`` sub-folders
+(safetensors weights + JSON configs) and a card ``companion.json``: what it is (``kind``), the recipe that
+made it, seed, steps, training time, final loss, measured quality and the sha256 of every other file in
+the folder. The card is the manifest entry; :func:`manifest` gathers all cards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CARD = "companion.json"
+ENV_VAR = "COMPANION_ASSETS"
+
+
+class AssetError(RuntimeError):
+    """A bundled asset is missing, corrupted or of the wrong kind."""
+
+
+def assets_dir() -> Path:
+    """The assets folder: ``$COMPANION_ASSETS`` or ``assets/`` beside the package (a source checkout)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+def models_dir() -> Path:
+    return assets_dir() / "models"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _payload_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CARD and "__pycache__" not in p.parts)
+
+
+def write_card(folder: str | Path, card: dict) -> dict:
+    """Write ``companion.json`` in ``folder`` with ``card`` plus the sha256 and size of every file there."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _payload_files(folder)}
+    card = dict(card, files=files)
+    tmp = folder / (CARD + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / CARD)
+    return card
+
+
+def read_card(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / CARD
+    if not path.is_file():
+        raise AssetError(f"{folder} has no {CARD}: not a companion asset folder (retrain it with `companion train`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AssetError(f"{path} is not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
+
+
+def verify(folder: str | Path) -> dict:
+    """Check every file listed in the card against its sha256; raise :class:`AssetError` naming the first bad one."""
+    folder = Path(folder)
+    card = read_card(folder)
+    for rel, meta in card.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            raise AssetError(f"missing file {p}; restore it with `git checkout -- {p}` or retrain `{card.get('name')}`")
+        digest = sha256_file(p)
+        if digest != meta["sha256"]:
+            raise AssetError(
+                f"sha256 mismatch for {p}: expected {meta['sha256'][:12]}..., got {digest[:12]}...; "
+                f"the file is corrupted or was changed: restore it with `git checkout -- {p}`"
+            )
+    return card
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """One digest for a whole asset folder (from its card's file digests): the model identity used by caches."""
+    card = read_card(folder)
+    h = hashlib.sha256()
+    for rel in sorted(card.get("files", {})):
+        h.update(rel.encode())
+        h.update(card["files"][rel]["sha256"].encode())
+    return h.hexdigest()
+
+
+def manifest() -> dict[str, dict]:
+    """All bundled asset cards by name."""
+    out = {}
+    root = models_dir()
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if (d / CARD).is_file():
+                out[d.name] = read_card(d)
+    return out
+
+
+def status() -> list[dict]:
+    """One row per bundled asset: name, kind, size in bytes and whether every sha256 matches."""
+    rows = []
+    for name, card in manifest().items():
+        folder = models_dir() / name
+        try:
+            verify(folder)
+            ok = "ok"
+        except AssetError as e:
+            ok = f"BAD: {e}"
+        size = sum(m["bytes"] for m in card.get("files", {}).values())
+        rows.append({"name": name, "kind": card.get("kind", "?"), "bytes": size, "sha256": ok})
+    return rows

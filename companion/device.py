@@ -1,0 +1,91 @@
+"""Where tensors live and where randomness comes from: the one place that decides both.
+
+Device order: an explicit argument, then the ``COMPANION_DEVICE`` environment variable, then CUDA, MPS, CPU.
+Noise is always drawn from a *CPU* ``torch.Generator`` and then moved, so a seed gives the same noise
+on every device (GPU generators produce different streams from CPU ones).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV_VAR = "COMPANION_DEVICE"
+VALID_DEVICES = ("cpu", "cuda", "mps")
+
+
+class DeviceError(RuntimeError):
+    """A requested device is unknown or not present on this machine."""
+
+
+def _available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return False
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """Return the device to compute on.
+
+    ``requested`` (or ``$COMPANION_DEVICE``) may be ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``;
+    ``None``/``"auto"`` picks CUDA, then MPS, then CPU. A device that is not present raises
+    :class:`DeviceError` naming it and the devices that are.
+    """
+    source = "argument"
+    if requested is None or str(requested) == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            requested, source = env, f"${ENV_VAR}"
+    if requested is None or str(requested) == "auto":
+        for kind in ("cuda", "mps"):
+            if _available(kind):
+                return torch.device(kind)
+        return torch.device("cpu")
+    text = str(requested)
+    kind = text.split(":")[0]
+    if kind not in VALID_DEVICES:
+        raise DeviceError(
+            f"unknown device {text!r} (from {source}); valid choices: auto, {', '.join(VALID_DEVICES)}"
+        )
+    if not _available(kind):
+        present = ", ".join(k for k in VALID_DEVICES if _available(k))
+        raise DeviceError(
+            f"device {text!r} (from {source}) is not available on this machine; available: {present}. "
+            f"Unset {ENV_VAR} or pass device='auto'."
+        )
+    dev = torch.device(text)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {text!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (an int >= 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(shape, seed_or_generator, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU (device-independent), then moved to ``device``."""
+    g = seed_or_generator if isinstance(seed_or_generator, torch.Generator) else generator(seed_or_generator)
+    x = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    return x.to(device=device or "cpu", dtype=dtype)
+
+
+def describe() -> dict:
+    """Facts about the compute environment, for ``companion info`` and run records."""
+    dev = pick_device()
+    info = {
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device_name"] = torch.cuda.get_device_name(0)
+    return info

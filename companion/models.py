@@ -1,0 +1,279 @@
+"""Models the companion samples from, and how they are loaded.
+
+:class:`DiffusionModel` is the one interface every sampler, metric and panel talks to. It wraps a
+noise-prediction network (a diffusers ``UNet2DModel``, or anything with the same call) together with the
+noise schedule it was trained with, its optional class conditioning, optional latent autoencoder and
+optional low-resolution conditioning (a super-resolution stage). The exact-score oracles in
+:mod:`companion.oracle` implement the same interface, so a sampler cannot tell them apart.
+
+Checkpoints are read from safetensors only (diffusers ``from_pretrained(..., use_safetensors=True)``);
+nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import assets
+
+# The training noise schedule of every bundled diffusion model. The linear schedule is used on purpose:
+# with the cosine schedule alphas_cumprod[999] ~ 2e-9 (sigma_max ~ 2e4) and eight diffusers samplers then
+# silently return pure noise (see the foundations chapter). tests/test_models.py checks every sampler on it.
+TRAIN_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+
+class ModelError(RuntimeError):
+    """A model could not be found, loaded, or used the way it was asked to be used."""
+
+
+class DiffusionModel(torch.nn.Module):
+    """A trained eps-prediction network plus everything needed to sample from it.
+
+    Attributes
+    ----------
+    name: str
+    unet: the network, called as ``unet(x, t, class_labels=...)`` returning ``.sample`` (diffusers style).
+    scheduler_config: the training noise schedule (a ``DDPMScheduler`` config dict).
+    sample_shape: (C, H, W) of the space diffusion runs in (the latent shape for latent models).
+    image_shape: (C, H, W) of decoded images, values in [-1, 1].
+    num_classes: number of classes for a class-conditional model, else ``None``. The label
+        ``num_classes`` (one past the last class) is the "no class" label used by classifier-free guidance.
+    vae: optional autoencoder (diffusers ``AutoencoderKL``/``VQModel``) for latent models.
+    latent_mean, latent_std: per-channel latent standardisation (latent = (vae_latent - mean) / std).
+    cond_shape: (C, H, W) of the low-resolution conditioning image of a super-resolution stage, else ``None``.
+    card: the asset card (manifest entry) the model was loaded with.
+    """
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler_config: dict | None = None,
+        *,
+        name: str = "unnamed",
+        sample_shape: tuple[int, int, int] | None = None,
+        image_shape: tuple[int, int, int] | None = None,
+        num_classes: int | None = None,
+        vae: torch.nn.Module | None = None,
+        latent_mean: torch.Tensor | list | None = None,
+        latent_std: torch.Tensor | list | None = None,
+        cond_shape: tuple[int, int, int] | None = None,
+        card: dict | None = None,
+    ):
+        super().__init__()
+        self.name = name
+        self.unet = unet
+        self.scheduler_config = dict(scheduler_config or TRAIN_SCHEDULE)
+        if sample_shape is None:
+            cfg = getattr(unet, "config", None)
+            if cfg is None:
+                raise ModelError("sample_shape is required for a network without a diffusers config")
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            c = cfg.out_channels
+            sample_shape = (c, size, size)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.vae = vae
+        self.image_shape = tuple(int(s) for s in (image_shape or self.sample_shape))
+        self.num_classes = num_classes
+        self.cond_shape = tuple(cond_shape) if cond_shape else None
+        c = self.sample_shape[0]
+        self.register_buffer("latent_mean", torch.as_tensor(latent_mean if latent_mean is not None else [0.0] * c, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("latent_std", torch.as_tensor(latent_std if latent_std is not None else [1.0] * c, dtype=torch.float32).view(1, -1, 1, 1))
+        self.card = dict(card or {})
+        self._sha256: str | None = None
+        self.eval()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def null_class(self) -> int:
+        if self.num_classes is None:
+            raise ModelError(f"model {self.name!r} is unconditional: it has no null class")
+        return self.num_classes
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the weights: the asset folder digest when loaded from disk, else a digest of the tensors."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            h.update(json.dumps(self.scheduler_config, sort_keys=True).encode())
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    # ------------------------------------------------------------------ network call
+    def predict_noise(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps(x_t, t): the network's noise prediction for a batch of noisy samples.
+
+        ``t`` is a training timestep (int or float, scalar or shape (B,)); ``class_labels`` (B,) ints,
+        where ``num_classes`` means "no class"; ``cond`` the low-resolution image for a super-resolution stage.
+        """
+        if self.cond_shape is not None:
+            if cond is None:
+                raise ModelError(f"model {self.name!r} is a super-resolution stage: pass cond=<low-resolution images {self.cond_shape}>")
+            x = torch.cat([x, self.upsample_cond(cond)], dim=1)
+        elif cond is not None:
+            raise ModelError(f"model {self.name!r} takes no conditioning image (cond)")
+        if not torch.is_tensor(t):
+            t = torch.tensor(t)
+        t = t.to(x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        kwargs = {}
+        if self.num_classes is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long)
+            kwargs["class_labels"] = class_labels.to(x.device)
+        elif class_labels is not None:
+            raise ModelError(f"model {self.name!r} is unconditional; it takes no class labels")
+        out = self.unet(x, t, **kwargs)
+        return out.sample if hasattr(out, "sample") else out
+
+    def upsample_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(cond, size=self.sample_shape[-2:], mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ latent space
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space diffusion runs in (standardised latents, or the images themselves)."""
+        if self.vae is None:
+            return images
+        enc = self.vae.encode(images)
+        z = enc.latent_dist.mean if hasattr(enc, "latent_dist") else enc.latents
+        return (z - self.latent_mean) / self.latent_std
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The space diffusion runs in -> images (nominally in [-1, 1]; not clamped)."""
+        if self.vae is None:
+            return x
+        z = x * self.latent_std + self.latent_mean
+        return self.vae.decode(z).sample
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path, card: dict | None = None) -> dict:
+        """Write the model in diffusers layout (safetensors) plus its card; returns the card."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        sched = folder / "scheduler"
+        sched.mkdir(exist_ok=True)
+        (sched / "scheduler_config.json").write_text(json.dumps(dict(self.scheduler_config, _class_name="DDPMScheduler"), indent=2, sort_keys=True) + "\n")
+        base = {
+            "kind": self.kind,
+            "name": self.name,
+            "sample_shape": list(self.sample_shape),
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "cond_shape": list(self.cond_shape) if self.cond_shape else None,
+            "latent_mean": self.latent_mean.flatten().tolist() if self.vae is not None else None,
+            "latent_std": self.latent_std.flatten().tolist() if self.vae is not None else None,
+            "unet_class": type(self.unet).__name__,
+            "vae_class": type(self.vae).__name__ if self.vae is not None else None,
+        }
+        merged = dict(self.card, **(card or {}), **base)
+        merged.pop("files", None)
+        self.card = assets.write_card(folder, merged)
+        self._sha256 = None
+        return self.card
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, verify: bool = True) -> "DiffusionModel":
+        import diffusers
+
+        folder = Path(folder)
+        card = assets.verify(folder) if verify else assets.read_card(folder)
+        if card.get("kind") != cls.kind:
+            raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not a diffusion model")
+        unet_cls = getattr(diffusers, card.get("unet_class", "UNet2DModel"))
+        unet = _from_pretrained(unet_cls, folder / "unet")
+        vae = None
+        if card.get("vae_class"):
+            vae = _from_pretrained(getattr(diffusers, card["vae_class"]), folder / "vae")
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+        model = cls(
+            unet, sched, name=card.get("name", folder.name), sample_shape=card["sample_shape"], image_shape=card.get("image_shape"),
+            num_classes=card.get("num_classes"), vae=vae, latent_mean=card.get("latent_mean"), latent_std=card.get("latent_std"),
+            cond_shape=card.get("cond_shape"), card=card,
+        )
+        model._sha256 = assets.folder_sha256(folder)
+        return model
+
+
+def _from_pretrained(klass, folder: Path):
+    """diffusers from_pretrained restricted to safetensors, with a clear error when weights are missing."""
+    if not folder.is_dir():
+        raise ModelError(f"missing folder {folder}")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder} has no .safetensors weights (pickle checkpoints are never loaded)")
+    try:
+        return klass.from_pretrained(folder, use_safetensors=True).eval()
+    except Exception as e:  # diffusers raises a variety of types for bad files
+        raise ModelError(f"could not load {klass.__name__} from {folder}: {e}") from e
+
+
+# Loaders by card kind; other modules register theirs (e.g. classifiers) with :func:`register_kind`.
+_KIND_LOADERS: dict[str, Callable[[Path], object]] = {"diffusion": DiffusionModel.from_folder}
+
+
+def register_kind(kind: str, loader: Callable[[Path], object]) -> None:
+    _KIND_LOADERS[kind] = loader
+
+
+def bundled_names() -> list[str]:
+    return sorted(assets.manifest())
+
+
+def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
+    """Load a bundled model by name, or a local companion asset folder.
+
+    Raises :class:`ModelError` naming the bad name/file and what to do.
+    """
+    from .device import pick_device
+
+    text = str(name_or_path)
+    folder = assets.models_dir() / text
+    if not (folder / assets.CARD).is_file():
+        folder = Path(text).expanduser()
+    if (folder / assets.CARD).is_file():
+        card = assets.read_card(folder)
+        kind = card.get("kind")
+        if kind not in _KIND_LOADERS:
+            raise ModelError(f"{folder}: unknown asset kind {kind!r}; known kinds: {', '.join(sorted(_KIND_LOADERS))}")
+        model = _KIND_LOADERS[kind](folder)
+        return model.to(pick_device(device))
+    names = bundled_names()
+    raise ModelError(f"unknown model {text!r}: not a bundled name nor a companion asset folder; bundled: {', '.join(names) or '(none)'}")
