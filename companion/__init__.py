@@ -1,0 +1,10 @@
+"""Efficient Diffusion Companion: measure why diffusion models get faster.
+
+The public API, re-exported here, is small; each module has one job (see docs/architecture.md).
+"""
+from .device import generator, pick_device, randn
+from .models import DiffusionModel, ModelError, load
+
+__version__ = "0.1.0"
+
+__all__ = ["DiffusionModel", "ModelError", "generator", "load", "pick_device", "randn", "__version__"]

@@ -1,0 +1,252 @@
+"""The ``companion`` command: ``lab``, ``run-notebooks``, ``info``, ``train``, ``bench``.
+
+Every sub-command has ``--help``. Problems the user can fix (a missing folder, a busy port, a device
+that is not there) end with one line naming the problem and the fix, and a non-zero exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_NOTEBOOKS = ROOT / "notebooks"
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ----------------------------------------------------------------------------- info
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def info_dict(device: str | None = None) -> dict:
+    import torch
+
+    from . import assets
+    from .device import pick_device
+
+    dev = pick_device(device)
+    packages = ["torch", "diffusers", "torchmetrics", "numpy", "scipy", "pandas", "plotly", "ipywidgets",
+                "anywidget", "jupyterlab", "nbval", "scikit-learn", "scikit-image"]
+    return {
+        "python": sys.version.split()[0],
+        "versions": {p: _version(p) for p in packages},
+        "device": str(dev),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "assets_dir": str(assets.assets_dir()),
+        "assets": assets.status(),
+    }
+
+
+def cmd_info(args) -> int:
+    info = info_dict(args.device)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"python        {info['python']}")
+    for k, v in info["versions"].items():
+        print(f"{k:<14}{v}")
+    print(f"device        {info['device']}  (cuda available: {info['cuda_available']}; override with --device or $COMPANION_DEVICE)")
+    print(f"threads       {info['torch_threads']} torch threads, {info['cpu_count']} CPUs")
+    print(f"assets        {info['assets_dir']}")
+    if not info["assets"]:
+        print("              (no bundled models found)")
+    for row in info["assets"]:
+        print(f"  {row['name']:<22}{row['kind']:<18}{row['bytes'] / 1e6:7.2f} MB  sha256 {row['sha256']}")
+    bad = [r for r in info["assets"] if r["sha256"] != "ok"]
+    return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------- lab
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_lab_overrides() -> None:
+    """Silence JupyterLab's news/update pop-ups (they try the network and cover the notebook)."""
+    settings = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings"
+    path = settings / "overrides.json"
+    want = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
+    try:
+        current = json.loads(path.read_text()) if path.is_file() else {}
+        if all(current.get(k) == v for k, v in want.items()):
+            return
+        settings.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**current, **want}, indent=2))
+    except OSError:
+        pass  # read-only environment: the pop-up is cosmetic
+
+
+def lab_command(notebooks: Path, port: int, token: str) -> list[str]:
+    return [
+        sys.executable, "-m", "jupyterlab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}",
+    ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])  # containers often run as root
+
+
+def cmd_lab(args) -> int:
+    notebooks = Path(args.notebooks).resolve()
+    if not notebooks.is_dir():
+        raise CliError(f"notebooks folder {notebooks} does not exist; pass --notebooks DIR or run from the repository root")
+    port = args.port or free_port()
+    if not _port_free(port):
+        raise CliError(f"port {port} on 127.0.0.1 is already in use; pass another --port (or 0 for a free one)")
+    token = args.token or secrets.token_hex(16)
+    _write_lab_overrides()
+    page = f"lab/tree/{args.open}" if args.open else "lab"
+    if args.open and not (notebooks / args.open).is_file():
+        raise CliError(f"notebook {args.open!r} not found in {notebooks}")
+    proc = subprocess.Popen(lab_command(notebooks, port, token), start_new_session=True)
+    print(f"JupyterLab on http://127.0.0.1:{port}/{page}?token={token}", flush=True)
+    print(f"(server PID {proc.pid}; stop with Ctrl-C)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        return 0
+
+
+# ----------------------------------------------------------------------------- run-notebooks
+def find_notebooks(paths: list[str]) -> list[Path]:
+    if not paths:
+        paths = [str(DEFAULT_NOTEBOOKS)]
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.glob("*.ipynb") if not q.name.startswith("_"))
+        elif p.is_file() and p.suffix == ".ipynb":
+            out.append(p)
+        else:
+            raise CliError(f"{p} is neither a notebook nor a folder of notebooks")
+    if not out:
+        raise CliError(f"no notebooks found in {', '.join(paths)}")
+    return out
+
+
+def execute_notebook(path: Path, timeout: int = 600):
+    """Execute a notebook in its own folder; returns the executed notebook (the file is left untouched)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    return nb
+
+
+def cmd_run_notebooks(args) -> int:
+    from nbconvert import HTMLExporter
+    from tqdm import tqdm
+
+    notebooks = find_notebooks(args.paths)
+    html_dir = Path(args.html).resolve() if args.html else None
+    if html_dir:
+        html_dir.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    bar = tqdm(notebooks, desc="notebooks", unit="nb")
+    for nb_path in bar:
+        bar.set_postfix_str(nb_path.name)
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            nb = execute_notebook(nb_path, timeout=args.timeout)
+        except Exception as e:  # report and continue with the next notebook
+            status, nb, failed = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}", None, failed + 1
+        dt = time.perf_counter() - t0
+        out = ""
+        if html_dir and nb is not None:
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            target = html_dir / (nb_path.stem + ".html")
+            target.write_text(body, encoding="utf-8")
+            out = str(target)
+        rows.append((nb_path.name, dt, status, out))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'notebook':<{width}}  {'seconds':>8}  status")
+    for name, dt, status, _ in rows:
+        print(f"{name:<{width}}  {dt:8.1f}  {status}")
+    print(f"{'total':<{width}}  {sum(r[1] for r in rows):8.1f}")
+    for name, _, _, out in rows:
+        if out:
+            print(f"HTML report: {out}")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="companion", description="Efficient Diffusion Companion: measured, interactive chapters on efficient diffusion models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="versions, chosen device, threads, bundled assets and their sha256 status")
+    s.add_argument("--device", default=None, help="device to check (auto, cpu, cuda, cuda:N, mps); default: $COMPANION_DEVICE or auto")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 and print its URL with the token")
+    s.add_argument("--notebooks", default=str(DEFAULT_NOTEBOOKS), help="folder to serve (default: notebooks/)")
+    s.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--token", default=None, help="access token (default: a random one)")
+    s.add_argument("--open", default=None, metavar="NOTEBOOK", help="notebook to open, e.g. 00_tour.ipynb")
+    s.set_defaults(func=cmd_lab)
+
+    s = sub.add_parser("run-notebooks", help="execute notebooks headless, with a progress bar and a time table")
+    s.add_argument("paths", nargs="*", help="notebooks or folders (default: notebooks/)")
+    s.add_argument("--html", default=None, metavar="DIR", help="write an HTML report of each executed notebook into DIR")
+    s.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
+    s.set_defaults(func=cmd_run_notebooks)
+
+    for module in ("train", "bench"):
+        try:
+            mod = __import__(f"companion.{module}", fromlist=["add_cli"])
+        except ImportError:
+            continue
+        if hasattr(mod, "add_cli"):
+            mod.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .device import DeviceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, DeviceError) as e:
+        print(f"companion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The foundation: packaging, the set-up script, the ``companion`` command, device and seed handling."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from companion import device as dev
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "companion"]
+
+
+def run_cli(*args, timeout=120, **kw):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+# ----------------------------------------------------------------------------- packaging
+def _req_name(req: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(.*)$", req)
+    return m.group(1).lower().replace("_", "-"), m.group(3).replace(" ", "")
+
+
+def test_environment_yml_matches_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_side = dict(_req_name(r) for r in py["dependencies"] + py["optional-dependencies"]["test"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_names = {"pytorch": "torch"}
+    conda_side = {}
+    for dep in env["dependencies"]:
+        name, spec = _req_name(re.sub(r"\s+#.*$", "", dep))
+        if name in ("python", "pip"):
+            continue
+        conda_side[conda_names.get(name, name)] = spec
+    assert conda_side == pip_side
+
+
+def test_ci_calls_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 run.py test" in readme
+    assert "python3 run.py test" in ci
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_torch_is_pinned_exactly():
+    # an open range lets pip choose a multi-GB CUDA build on machines without a GPU
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = [d for d in deps if _req_name(d)[0] == "torch"]
+    assert torch_req and _req_name(torch_req[0])[1].startswith("==")
+    banned = {"torchvision", "torch-fidelity"}
+    assert not banned & {_req_name(d)[0] for d in deps}
+    assert not any("torchmetrics[" in d for d in deps)
+
+
+# ----------------------------------------------------------------------------- device and seeds
+def test_pick_device_order_and_override(monkeypatch):
+    monkeypatch.delenv(dev.ENV_VAR, raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and dev._available("mps"):
+        expected = "mps"
+    assert dev.pick_device().type == expected
+    assert dev.pick_device("cpu").type == "cpu"
+    monkeypatch.setenv(dev.ENV_VAR, "cpu")
+    assert dev.pick_device().type == "cpu"
+    monkeypatch.setenv(dev.ENV_VAR, "tpu")
+    with pytest.raises(dev.DeviceError, match="unknown device 'tpu'.*valid choices"):
+        dev.pick_device()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_is_a_clear_error():
+    with pytest.raises(dev.DeviceError, match="'cuda'.*not available.*available: cpu"):
+        dev.pick_device("cuda")
+
+
+def test_same_seed_same_noise_different_seed_different_noise():
+    a = dev.randn((4, 3), 7)
+    b = dev.randn((4, 3), 7)
+    c = dev.randn((4, 3), 8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="seed"):
+        dev.generator(-1)
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("sub", [[], ["info"], ["lab"], ["run-notebooks"]])
+def test_every_command_has_help(sub):
+    r = run_cli(*sub, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: companion" in r.stdout
+
+
+def test_unknown_option_is_refused():
+    r = run_cli("info", "--frobnicate")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --frobnicate" in r.stderr
+
+
+def test_info_reports_versions_device_and_assets():
+    r = run_cli("info", "--json")
+    assert r.returncode in (0, 1), r.stderr
+    info = json.loads(r.stdout)
+    assert info["versions"]["torch"].startswith("2.")
+    assert info["device"] in ("cpu", "cuda", "mps")
+    assert info["torch_threads"] >= 1
+    for row in info["assets"]:
+        assert row["sha256"] == "ok", row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_info_with_absent_device_fails_in_one_line():
+    r = run_cli("info", "--device", "cuda")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "not available" in r.stderr
+
+
+def test_lab_refuses_missing_folder_and_busy_port(tmp_path):
+    r = run_cli("lab", "--notebooks", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("lab", "--port", str(port))
+    assert r.returncode == 2 and f"port {port}" in r.stderr and "already in use" in r.stderr
+
+
+def test_lab_serves_jupyterlab_on_loopback():
+    proc = subprocess.Popen([*CLI, "lab", "--port", "0", "--token", "t0ken"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/lab\?token=t0ken", line)
+        assert m, line
+        url = f"http://127.0.0.1:{m.group(1)}/lab?token=t0ken"
+        deadline, status = time.time() + 60, None
+        while time.time() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(url, timeout=5).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode is not None
+
+
+def test_run_notebooks_writes_html_and_a_time_table(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# tiny"), nbformat.v4.new_code_cell("print(6 * 7)")]
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    r = run_cli("run-notebooks", str(path), "--html", str(tmp_path / "html"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    html = (tmp_path / "html" / "tiny.html").read_text()
+    assert "42" in html
+    assert re.search(r"tiny\.ipynb\s+\d+\.\d\s+ok", r.stdout)
+    assert "HTML report:" in r.stdout
+    # the source notebook is not modified (outputs are not written back)
+    assert nbformat.read(path, as_version=4).cells[1].outputs == []
+
+
+def test_run_notebooks_reports_a_failing_notebook(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nbformat.write(nb, tmp_path / "bad.ipynb")
+    r = run_cli("run-notebooks", str(tmp_path / "bad.ipynb"), timeout=300)
+    assert r.returncode == 1
+    assert "FAILED" in r.stdout and "boom" in r.stdout
+
+
+# ----------------------------------------------------------------------------- fresh install
+def _tracked_copy(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fresh_virtual_environment_installs_and_runs_info(tmp_path):
+    """What a newcomer does: the README's set-up on a fresh copy, then ``companion info``."""
+    repo = tmp_path / "repo"
+    _tracked_copy(repo)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    base_python = shutil.which("python3", path=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)) or "python3"
+    r = subprocess.run([base_python, "-c", "import run; run.setup('')"], cwd=repo, env=env, capture_output=True, text=True, timeout=850)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    py = repo / ".venv" / "bin" / "python"
+    r = subprocess.run([str(py), "-c", "import torch, companion; print(torch.__version__)"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if not torch.cuda.is_available():
+        assert "+cpu" in r.stdout or "cu" not in r.stdout  # no CUDA build on a machine without a GPU
+    r = subprocess.run([str(repo / ".venv" / "bin" / "companion"), "info"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "torch" in r.stdout and "device" in r.stdout
+    # set-up is idempotent: a second run installs nothing
+    r = subprocess.run([base_python, "-c", "import run; run.setup('')"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "up to date" in r.stdout
