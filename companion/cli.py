@@ -166,6 +166,28 @@ def execute_notebook(path: Path, timeout: int = 600):
     return nb
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def static_view(nb):
+    """The notebook as a reader without a live widget front end should see it.
+
+    nbconvert prefers a widget view over every other representation, and an exported widget view needs
+    the widget manager from a CDN (nothing shows offline). Where an output also carries a static
+    ``text/html`` or image representation (the companion's panels always do), keep that one instead.
+    """
+    import copy
+
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data and any(k in data for k in ("text/html", "image/png")):
+                del data[WIDGET_VIEW]
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
 def cmd_run_notebooks(args) -> int:
     from nbconvert import HTMLExporter
     from tqdm import tqdm
@@ -187,7 +209,7 @@ def cmd_run_notebooks(args) -> int:
         dt = time.perf_counter() - t0
         out = ""
         if html_dir and nb is not None:
-            body, _ = HTMLExporter().from_notebook_node(nb)
+            body, _ = HTMLExporter().from_notebook_node(static_view(nb))
             target = html_dir / (nb_path.stem + ".html")
             target.write_text(body, encoding="utf-8")
             out = str(target)
