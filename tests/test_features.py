@@ -1,0 +1,67 @@
+"""The bundled feature networks: shapes, resizing, accuracy on held-out data, reproducible training."""
+import pytest
+import torch
+
+from companion import assets
+from companion.data import digits
+from companion.features import FeatureNet, default_feature_net_name, load_feature_net, train_feature_net
+from companion.models import ModelError, load
+
+
+@pytest.fixture(scope="module")
+def net():
+    return load_feature_net("features-digits")
+
+
+def test_card_and_integrity(net):
+    card = assets.verify(assets.models_dir() / "features-digits")  # every sha256 matches
+    assert card["kind"] == "features" and card["train_split"] == "train"
+    assert card["seed"] == 0 and card["steps"] > 0 and card["train_time_s"] > 0
+    assert card["test_accuracy"] >= 0.95
+    assert isinstance(net, FeatureNet) and net.feature_dim == 64
+
+
+def test_outputs_and_resizing(net):
+    x, _ = digits(16, "test")
+    f, logits = net.extract(x[:8])
+    assert f.shape == (8, 64) and logits.shape == (8, 10)
+    # other resolutions of the same digits are resized to 16x16 and mostly keep their class
+    for size in (8, 32):
+        xs, ys = digits(size, "test")
+        _, lg = net.extract(xs)
+        assert (lg.argmax(1) == ys).float().mean() >= 0.85, size
+
+
+def test_held_out_accuracy_matches_card(net):
+    x, y = digits(16, "test")
+    _, logits = net.extract(x)
+    acc = float((logits.argmax(1) == y).float().mean())
+    assert acc >= 0.95
+    assert acc == pytest.approx(net.card["test_accuracy"], abs=1e-3)
+
+
+def test_bad_input_is_named(net):
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        net.extract(torch.zeros(2, 3, 16, 16))
+
+
+def test_loaded_through_models_load():
+    assert isinstance(load("features-digits"), FeatureNet)
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ModelError, match="features-digits"):
+        load_feature_net("features-nope")
+    with pytest.raises(ValueError, match="features-digits"):
+        train_feature_net("nope")
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        default_feature_net_name((2, 16, 16))
+
+
+def test_training_is_reproducible(tmp_path):
+    a = train_feature_net("features-digits", tmp_path / "a", steps=3, progress=False)
+    b = train_feature_net("features-digits", tmp_path / "b", steps=3, progress=False)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    card = assets.verify(tmp_path / "a")
+    assert card["steps"] == 3 and card["recipe"] == "companion.features.train_feature_net"
