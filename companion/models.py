@@ -245,8 +245,22 @@ def _from_pretrained(klass, folder: Path):
         raise ModelError(f"could not load {klass.__name__} from {folder}: {e}") from e
 
 
+def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Module:
+    """A bundled autoencoder (card kind ``"autoencoder"``): the diffusers ``AutoencoderKL``/``VQModel`` in ``vae/``."""
+    import diffusers
+
+    folder = Path(folder)
+    card = assets.verify(folder) if verify else assets.read_card(folder)
+    if card.get("kind") != "autoencoder":
+        raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not an autoencoder")
+    vae = _from_pretrained(getattr(diffusers, card.get("vae_class", "AutoencoderKL")), folder / "vae")
+    vae.card = card
+    vae.name = card.get("name", folder.name)
+    return vae
+
+
 # Loaders by card kind; other modules register theirs (e.g. classifiers) with :func:`register_kind`.
-_KIND_LOADERS: dict[str, Callable[[Path], object]] = {"diffusion": DiffusionModel.from_folder}
+_KIND_LOADERS: dict[str, Callable[[Path], object]] = {"diffusion": DiffusionModel.from_folder, "autoencoder": load_autoencoder}
 
 
 def register_kind(kind: str, loader: Callable[[Path], object]) -> None:
@@ -262,6 +276,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
 
     Raises :class:`ModelError` naming the bad name/file and what to do.
     """
+    from . import nets  # noqa: F401  (registers the "noisy-classifier" kind)
     from .device import pick_device
 
     text = str(name_or_path)
