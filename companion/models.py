@@ -271,10 +271,108 @@ def bundled_names() -> list[str]:
     return sorted(assets.manifest())
 
 
-def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
-    """Load a bundled model by name, or a local companion asset folder.
+HUB_TIMEOUT_S = 5.0
 
-    Raises :class:`ModelError` naming the bad name/file and what to do.
+
+def _check_kind_loader(folder: Path, kind) -> Callable:
+    if kind not in _KIND_LOADERS:
+        from . import features  # noqa: F401  (registers the "features" kind)
+    if kind not in _KIND_LOADERS:
+        raise ModelError(f"{folder}: unknown asset kind {kind!r}; known kinds: {', '.join(sorted(_KIND_LOADERS))}")
+    return _KIND_LOADERS[kind]
+
+
+def _is_diffusers_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file() or (folder / "config.json").is_file()
+
+
+def from_diffusers_folder(folder: str | Path, *, name: str | None = None) -> DiffusionModel:
+    """A :class:`DiffusionModel` from a folder saved by diffusers (e.g. ``DDPMPipeline.save_pretrained``).
+
+    The folder holds ``unet/`` (a ``UNet2DModel`` in safetensors) and ``scheduler/scheduler_config.json``
+    (the training schedule), or a bare UNet (``config.json`` + weights) with ``scheduler_config.json`` beside it.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    cfg_path = unet_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder} is not a diffusers UNet folder: {cfg_path} is missing")
+    try:
+        cls_name = json.loads(cfg_path.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path} is not valid JSON ({e})") from e
+    if cls_name != "UNet2DModel":
+        raise ModelError(f"{unet_dir} holds a {cls_name!r}, not a UNet2DModel: the companion samples from "
+                         f"unconditional or class-conditional UNet2DModel pipelines (e.g. DDPMPipeline/DDIMPipeline)")
+    sched_path = next((p for p in (folder / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json") if p.is_file()), None)
+    if sched_path is None:
+        raise ModelError(f"{folder} has no scheduler/scheduler_config.json: the training noise schedule is unknown; "
+                         f"save the whole pipeline (pipeline.save_pretrained(dir)), not only the UNet")
+    sched = {k: v for k, v in json.loads(sched_path.read_text()).items() if not k.startswith("_")}
+    unet = _from_pretrained(diffusers.UNet2DModel, unet_dir)
+    if unet.config.num_class_embeds is not None:
+        raise ModelError(f"{unet_dir}: class-conditional UNets from outside the companion are not supported "
+                         f"(their 'no class' label is unknown); companion assets record it in companion.json")
+    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    if unet.config.in_channels != unet.config.out_channels:
+        raise ModelError(f"{unet_dir}: in_channels={unet.config.in_channels} != out_channels={unet.config.out_channels}; "
+                         f"conditioned UNets need a companion card that says what the extra channels are")
+    card = {"kind": "diffusion", "name": name or folder.name, "source": str(folder), "scheduler_config": sched}
+    return DiffusionModel(unet, sched, name=name or folder.name, sample_shape=(unet.config.out_channels, size, size), card=card)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text
+
+
+def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S) -> DiffusionModel:
+    """A Hugging Face Hub diffusers pipeline (e.g. ``google/ddpm-cifar10-32``) as a :class:`DiffusionModel`.
+
+    Only JSON configs and safetensors weights are fetched (never pickles). A cached copy loads offline; an
+    uncached id raises :class:`ModelError` within about ``timeout`` seconds when the Hub is unreachable or
+    ``HF_HUB_OFFLINE`` is set.
+    """
+    import os
+
+    from huggingface_hub import constants, snapshot_download
+
+    from .data import _hub_reachable
+
+    patterns = ["*.json", "*.safetensors"]
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        path = None
+    if path is None or not _is_diffusers_folder(Path(path)):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else _hub_reachable(constants.ENDPOINT, timeout)
+        if why:
+            raise ModelError(
+                f"Hub model {repo_id!r} is not in the local Hugging Face cache and the Hub ({constants.ENDPOINT}) is not "
+                f"reachable ({why}). Connect once (and unset HF_HUB_OFFLINE) to download it, or load a pipeline "
+                f"folder saved with save_pretrained(dir) via load(dir). Bundled models: {', '.join(bundled_names()) or '(none)'}"
+            )
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout * 4)))
+        try:
+            path = snapshot_download(repo_id, allow_patterns=patterns)
+        except Exception as e:
+            raise ModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from e
+    return from_diffusers_folder(path, name=repo_id)
+
+
+def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
+    """Load a model: a bundled name, a companion asset folder, a diffusers pipeline folder, or a Hub id.
+
+    - bundled name (``assets/models/<name>``) or any folder with a ``companion.json`` card: loaded by the
+      card's kind (diffusion models, autoencoders, classifiers, feature networks), sha256 checked;
+    - a folder saved by diffusers (``DDPMPipeline.save_pretrained(dir)``): a :class:`DiffusionModel`;
+    - ``owner/name`` Hub id (e.g. ``google/ddpm-cifar10-32``): downloaded once when online, then cached.
+
+    Raises :class:`ModelError` (or :class:`companion.assets.AssetError` for a corrupted bundled file)
+    naming the bad name/file and what to do.
     """
     from . import nets  # noqa: F401  (registers the "noisy-classifier" kind)
     from .device import pick_device
@@ -285,10 +383,15 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
         folder = Path(text).expanduser()
     if (folder / assets.CARD).is_file():
         card = assets.read_card(folder)
-        kind = card.get("kind")
-        if kind not in _KIND_LOADERS:
-            raise ModelError(f"{folder}: unknown asset kind {kind!r}; known kinds: {', '.join(sorted(_KIND_LOADERS))}")
-        model = _KIND_LOADERS[kind](folder)
-        return model.to(pick_device(device))
-    names = bundled_names()
-    raise ModelError(f"unknown model {text!r}: not a bundled name nor a companion asset folder; bundled: {', '.join(names) or '(none)'}")
+        model = _check_kind_loader(folder, card.get("kind"))(folder)
+    elif folder.is_dir() and _is_diffusers_folder(folder):
+        model = from_diffusers_folder(folder)
+    elif not folder.exists() and _looks_like_hub_id(text):
+        model = from_hub(text)
+    else:
+        names = bundled_names()
+        raise ModelError(
+            f"unknown model {text!r}: not a bundled name, a companion asset folder, a diffusers pipeline folder "
+            f"nor a Hub id (owner/name); bundled: {', '.join(names) or '(none)'}"
+        )
+    return model.to(pick_device(device))

@@ -480,15 +480,33 @@ def digits_reference_classifier():
 
 
 def _q_digits_cond(model, progress):
+    from . import metrics
+
     clf, test_acc = digits_reference_classifier()
     labels = torch.arange(10).repeat_interleave(50)
-    out = {"classifier": "logistic regression on 8x8-pooled train digits", "classifier_test_accuracy": round(test_acc, 4)}
+    out = {"judge": "logistic regression on 8x8-pooled train digits", "judge_test_accuracy": round(test_acc, 4),
+           "sampler": "DDIM, 50 steps, trailing spacing", "n_samples": len(labels)}
     for guidance in (1.0, 2.0, 3.0):
         imgs = ddim_sample(model, len(labels), steps=50, guidance=guidance, class_labels=labels, seed=1)
         pred = clf.predict(F.avg_pool2d(imgs.clamp(-1, 1), 2).flatten(1).numpy())
-        out[f"cfg_accuracy_ddim50_g{guidance:g}"] = round(float((pred == labels.numpy()).mean()), 4)
-    out["n_samples"] = len(labels)
+        key = f"g{guidance:g}"
+        out[f"cfg_accuracy_{key}"] = round(float((pred == labels.numpy()).mean()), 4)
+        if _bundled("features-digits"):
+            acc = metrics.class_accuracy(imgs.clamp(-1, 1), labels, feature="features-digits")
+            fd = metrics.frechet_distance(imgs.clamp(-1, 1), "train", feature="features-digits")
+            out[f"features_digits_accuracy_{key}"] = _m(acc)
+            out[f"fd_features_digits_{key}"] = _m(fd)
     return out
+
+
+def _bundled(name: str) -> bool:
+    return (assets.models_dir() / name / assets.CARD).is_file()
+
+
+def _m(measurement) -> dict:
+    """A companion.metrics Measurement as a small JSON dict."""
+    return {"value": round(measurement.value, 4), "low": round(measurement.low, 4), "high": round(measurement.high, 4),
+            "n": measurement.n, "feature": measurement.feature}
 
 
 def _q_noisy_clf(model, progress):
@@ -514,32 +532,55 @@ def _q_autoencoder(vae, progress):
 
 
 def _q_sr(model, progress):
+    from . import metrics
+
     x, _ = data.shapes("test", 32)
-    x = x[:200]
+    x = x[:500]
     low = F.avg_pool2d(x, 2)
-    sr = ddim_sample(model, len(x), steps=50, cond=low, seed=1).clamp(-1, 1)
+    sr = ddim_sample(model, len(x), steps=SHAPES_EVAL_STEPS, cond=low, seed=1).clamp(-1, 1)
     up = F.interpolate(low, size=32, mode="bilinear", align_corners=False).clamp(-1, 1)
 
     def psnr(a):
         return round(10 * math.log10(4.0 / float(F.mse_loss(a, x))), 2)
 
-    consist = float(F.mse_loss(F.avg_pool2d(sr, 2), low))
-    return {"test_psnr_db_ddim50": psnr(sr), "bilinear_psnr_db": psnr(up), "lowres_consistency_mse": round(consist, 6), "n_test": len(x)}
+    out = {"sampler": f"DDIM, {SHAPES_EVAL_STEPS} steps, from 2x2-pooled real test images", "n_test": len(x),
+           "psnr_db": psnr(sr), "bilinear_psnr_db": psnr(up),
+           "lowres_consistency_mse": round(float(F.mse_loss(F.avg_pool2d(sr, 2), low)), 6)}
+    if _bundled("features-shapes"):
+        out["fd_features_shapes"] = _m(metrics.frechet_distance(sr, "train", feature="features-shapes"))
+        out["fd_features_shapes_bilinear"] = _m(metrics.frechet_distance(up, "train", feature="features-shapes"))
+    return out
+
+
+SHAPES_EVAL_STEPS = 25
 
 
 def _q_shapes_samples(model, progress):
-    """Until the companion's FD metric is used here: simple, reproducible statistics of 500 DDIM-50 samples."""
-    real, _ = data.shapes("test", 32)
-    if model.image_shape[-1] != 32:
-        real = F.avg_pool2d(real, 32 // model.image_shape[-1])
-    imgs = ddim_sample(model, 500, steps=50, seed=1)
-    # Frechet distance between per-image colour statistics (mean and std per channel: 6-d) of samples and test
-    def stats(a):
-        a = a.clamp(-1, 1)
-        return torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1).double().numpy()
+    """FD of 500 DDIM samples to the shapes train set in the features-shapes space (lower is better).
 
-    fd = _frechet(stats(imgs), stats(real))
-    return {"fd_colour_stats_6d": round(fd, 5), "n_samples": 500, "out_of_range_fraction": round(float((imgs.abs() > 1.05).float().mean()), 5)}
+    16x16 models are compared after bilinear upsampling to 32x32, with a reference set that went through
+    the same 2x2 pooling and upsampling, so only the model's errors count.
+    """
+    from . import metrics
+
+    imgs = ddim_sample(model, 500, steps=SHAPES_EVAL_STEPS, seed=1)
+    out = {"sampler": f"DDIM, {SHAPES_EVAL_STEPS} steps", "n_samples": 500,
+           "out_of_range_fraction": round(float((imgs.abs() > 1.05).float().mean()), 5)}
+    imgs = imgs.clamp(-1, 1)
+    real, _ = data.shapes("train", 32)
+    size = model.image_shape[-1]
+    if size != 32:
+        imgs = F.interpolate(imgs, size=32, mode="bilinear", align_corners=False)
+        real = F.interpolate(F.avg_pool2d(real, 32 // size), size=32, mode="bilinear", align_corners=False)
+    if _bundled("features-shapes"):
+        ref = "train" if size == 32 else metrics.reference("features-shapes", images=real)
+        out["fd_features_shapes"] = _m(metrics.frechet_distance(imgs, ref, feature="features-shapes"))
+    else:  # colour statistics only (mean and std per channel, 6-d) until features-shapes is bundled
+        def stats(a):
+            return torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1).double().numpy()
+
+        out["fd_colour_stats_6d"] = round(_frechet(stats(imgs), stats(real)), 5)
+    return out
 
 
 def _frechet(a: np.ndarray, b: np.ndarray) -> float:
