@@ -62,7 +62,7 @@ def digits(size: int = 16, split: str = "train") -> tuple[torch.Tensor, torch.Te
     """scikit-learn's 1797 handwritten digits (8x8, 10 classes), bilinearly upsampled to ``size``.
 
     Returns ``(images, labels)``: images (N, 1, size, size) in [-1, 1], labels (N,) in 0..9.
-    ``split`` is ``"train"`` (1437 images), ``"test"`` (360, fixed, stratified) or ``"all"``.
+    ``split`` is ``"train"`` (1438 images), ``"test"`` (359, fixed, stratified: 20 % of each class) or ``"all"``.
     """
     _check_choice("size", size, DIGITS_SIZES)
     _check_choice("split", split, SPLITS)
