@@ -1,0 +1,439 @@
+"""Speed/quality sweeps with an on-disk cache, Pareto fronts, and the ``companion bench`` command.
+
+:func:`sweep` runs every combination of sampler x steps x guidance x mode x seed through
+:func:`companion.sampling.sample`, measures each run (NFE, wall/network/overhead time, FLOPs per sample,
+peak memory, and quality metrics with intervals) and returns a tidy table, one row a run.
+
+Each finished run is written to ``cache_dir`` at once (atomic: temporary file, then ``os.replace``), keyed
+by a digest of the full configuration, the model's sha256 and the metric/bench versions. A rerun reads the
+rows back instantly; an interrupted sweep keeps every run it finished; a cache entry that cannot be read
+back is reported (a warning naming the file) and recomputed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import metrics as M
+from .plots import HIGHER_IS_BETTER, pareto_front, speed_quality_figure  # noqa: F401  (pareto_front is public here too)
+
+BENCH_VERSION = "1"  # bump when a row's definition changes: old cache entries are then not reused
+DEFAULT_METRICS = ("fd", "prdc", "class_accuracy", "ode_distance")
+ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
+DEFAULT_N_SAMPLES = 512
+DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
+CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was unreadable or inconsistent and has been recomputed."""
+
+
+# --------------------------------------------------------------------------------------------- configuration
+def mode_label(mode: Mapping) -> str:
+    """A short, stable label for a dict of extra ``sample`` arguments ("default" when empty)."""
+    if not mode:
+        return "default"
+    return ",".join(f"{k}={mode[k]}" for k in sorted(mode))
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
+               metrics: Sequence[str], feature: str | None, n_ode: int) -> dict:
+    """Everything a run's result depends on: the cache key is a digest of this."""
+    return {
+        "model": getattr(model, "name", "model"),
+        "model_sha256": model.sha256,
+        "sampler": sampler,
+        "steps": int(steps),
+        "guidance": None if guidance is None else float(guidance),
+        "mode": {k: _jsonable(v) for k, v in sorted(dict(mode).items())},
+        "seed": int(seed),
+        "n_samples": int(n_samples),
+        "metrics": sorted(metrics),
+        "feature": feature,
+        "n_ode": int(n_ode),
+        "bench_version": BENCH_VERSION,
+        "metrics_version": M.METRICS_VERSION,
+        "companion_version": _companion_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _companion_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("companion")
+    except PackageNotFoundError:
+        return "source"
+
+
+def cache_key(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------- cache
+class RunCache:
+    """One JSON file per finished run: ``<key>.json`` holding the configuration and the row."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key}.json"
+
+    def get(self, key: str, config: dict) -> dict | None:
+        """The cached row, or None when absent; an unreadable or mismatching entry warns and returns None."""
+        p = self.path(key)
+        if p is None or not p.exists():
+            return None
+        try:
+            entry = json.loads(p.read_text())
+            if entry.get("config") != json.loads(json.dumps(config, default=str)):
+                raise ValueError("its configuration does not match its key")
+            row = entry["row"]
+            if not isinstance(row, dict) or "nfe" not in row:
+                raise ValueError("it holds no result row")
+            return row
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            warnings.warn(f"corrupted cache entry {p} ({type(e).__name__}: {e}); recomputing it", CacheWarning, stacklevel=3)
+            return None
+
+    def put(self, key: str, config: dict, row: dict) -> None:
+        p = self.path(key)
+        if p is None:
+            return
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"config": config, "row": row}, indent=1, default=str))  # row keeps its column order
+        os.replace(tmp, p)  # atomic: a reader sees the old entry or the whole new one, never half
+
+
+# --------------------------------------------------------------------------------------------- measuring
+_FLOPS: dict[tuple, int] = {}
+
+
+def flops_per_eval(model) -> int:
+    """Floating-point operations of one network evaluation for one sample (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (model.sha256, tuple(model.sample_shape))
+    if key not in _FLOPS:
+        dev = model.device
+        x = torch.zeros(1, *model.sample_shape, device=dev)
+        kw = {}
+        if getattr(model, "conditional", False):
+            kw["class_labels"] = torch.zeros(1, dtype=torch.long)
+        if getattr(model, "cond_shape", None):
+            kw["cond"] = torch.zeros(1, *model.cond_shape, device=dev)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model.predict_noise(x, torch.tensor([500]), **kw)
+        _FLOPS[key] = int(counter.get_total_flops())
+    return _FLOPS[key]
+
+
+def decode_flops(model) -> int:
+    """FLOPs to decode one sample (latent models; 0 for pixel models)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not getattr(model, "is_latent", False):
+        return 0
+    key = ("decode", model.sha256)
+    if key not in _FLOPS:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model.decode(torch.zeros(1, *model.sample_shape, device=model.device))
+        _FLOPS[key] = int(counter.get_total_flops())
+    return _FLOPS[key]
+
+
+def class_labels_for(model, n: int) -> torch.Tensor | None:
+    """Balanced class labels (0, 1, ..., K-1, 0, ...) for a class-conditional model, else None."""
+    if not getattr(model, "conditional", False):
+        return None
+    return torch.arange(n) % int(model.num_classes)
+
+
+_REFERENCE_SOLUTIONS: dict[str, torch.Tensor] = {}
+
+
+def _reference_solution(model, x_T, class_labels, guidance, cache: RunCache, config: dict) -> torch.Tensor:
+    """The reference ODE solution from ``x_T``; shared by every deterministic sampler of one seed (memory and disk)."""
+    from safetensors.torch import load_file, save_file
+
+    from . import oracle
+
+    ref_cfg = {k: config[k] for k in ("model_sha256", "guidance", "seed", "n_samples", "n_ode", "bench_version")}
+    key = "ode-" + cache_key(ref_cfg)
+    if key in _REFERENCE_SOLUTIONS:
+        return _REFERENCE_SOLUTIONS[key]
+    path = cache.folder / f"{key}.safetensors" if cache.folder is not None else None
+    ref = None
+    if path is not None and path.exists():
+        try:
+            ref = load_file(str(path))["x0"]
+            if ref.shape != x_T.shape:
+                raise ValueError(f"shape {tuple(ref.shape)} != {tuple(x_T.shape)}")
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            warnings.warn(f"corrupted cache entry {path} ({type(e).__name__}: {e}); recomputing it", CacheWarning, stacklevel=3)
+            ref = None
+    if ref is None:
+        ref = oracle.reference_solution(model, x_T, "clean", class_labels=class_labels, guidance=guidance,
+                                        rtol=1e-6, atol=1e-6).float()
+        if path is not None:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"x0": ref.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+    _REFERENCE_SOLUTIONS[key] = ref
+    return ref
+
+
+def initial_noise(model, n: int, seed: int) -> torch.Tensor:
+    """The x_T that :func:`companion.sampling.sample` draws for ``seed`` (unit-variance, VP scaling)."""
+    from .device import randn
+
+    return randn((n, *model.sample_shape), seed)
+
+
+def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
+                metrics: Sequence[str], feature: str | None, n_ode: int, cache: RunCache, config: dict) -> dict:
+    """Sample once and measure everything: one row of the sweep table."""
+    from .sampling import sample
+    from .samplers import get as get_sampler
+
+    labels = class_labels_for(model, n_samples)
+    res = sample(model, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch=n_samples,
+                 class_labels=labels, **dict(mode))
+    rec = res.record
+    row = {
+        "model": config["model"], "sampler": sampler, "steps": int(steps), "guidance": config["guidance"],
+        "mode": mode_label(mode), "seed": int(seed), "n_samples": int(n_samples),
+        "nfe": int(rec.nfe), "wall_s": float(rec.wall_s), "network_s": float(rec.network_s),
+        "overhead_s": float(rec.overhead_s), "peak_mem_bytes": int(rec.peak_mem_bytes or 0),
+        "stochastic": bool(rec.stochastic), "scheduler_class": rec.scheduler_class,
+        "flops_per_sample": int(rec.nfe) * flops_per_eval(model) + decode_flops(model),
+    }
+    image_metrics = [m for m in metrics if m in M.IMAGE_METRICS]
+    if image_metrics:
+        found = M.evaluate_images(res.images, labels, metrics=image_metrics, feature=feature, seed=seed)
+        row.update(M.as_columns(found))
+    if "ode_distance" in metrics:
+        stochastic = bool(rec.stochastic) or get_sampler(sampler).stochastic or bool(dict(mode).get("eta"))
+        if stochastic:
+            row["ode_distance"] = float("nan")  # undefined: the sampler does not approximate the ODE
+        else:
+            k = min(n_ode, n_samples)
+            x_T = initial_noise(model, n_samples, seed)[:k]
+            ref = _reference_solution(model, x_T, None if labels is None else labels[:k], guidance, cache, config)
+            row.update(M.as_columns({"ode_distance": M.ode_distance(res.samples[:k], ref, seed=seed)}))
+    return row
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+def _check_metrics(metrics) -> tuple[str, ...]:
+    metrics = tuple(metrics)
+    bad = [m for m in metrics if m not in ALL_METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(ALL_METRICS)}")
+    return metrics
+
+
+def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
+               n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
+               cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
+               on_result: Callable[[dict], None] | None = None) -> Iterator[dict]:
+    """Yield one result row per run as it finishes (cached runs first appear instantly)."""
+    from tqdm.auto import tqdm
+
+    from .samplers import get as get_sampler
+
+    if isinstance(model, str):
+        from .models import load
+
+        model = load(model)
+    if isinstance(samplers, str) or isinstance(steps, int):
+        raise TypeError("samplers and steps must be sequences, e.g. samplers=['ddim'], steps=[10, 20]")
+    for s in samplers:
+        get_sampler(s)  # unknown names fail before any work, listing the valid ones
+    for n in steps:
+        if int(n) < 1:
+            raise ValueError(f"steps must be positive integers, got {n}")
+    metrics = _check_metrics(metrics)
+    if guidance is None or isinstance(guidance, (int, float)):
+        guidance = (guidance,)
+    if isinstance(modes, Mapping):
+        modes = (modes,)
+    if isinstance(seeds, int):
+        seeds = (seeds,)
+    for m in metrics:  # fail before sampling anything
+        M.require_samples(n_samples, "prdc" if m == "prdc" else m)
+    cache = RunCache(cache_dir)
+    grid = list(itertools.product(samplers, steps, guidance, modes, seeds))
+    bar = tqdm(grid, desc=f"sweep {getattr(model, 'name', '')}", disable=not progress, unit="run")
+    for sampler, n, g, mode, seed in bar:
+        bar.set_postfix_str(f"{sampler} {n} steps", refresh=False)
+        config = run_config(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode)
+        key = cache_key(config)
+        row = cache.get(key, config)
+        cached = row is not None
+        if not cached:
+            row = measure_run(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, cache, config)
+            cache.put(key, config, row)
+        row = dict(row, cached=cached, cache_key=key)
+        if on_result is not None:
+            on_result(row)
+        yield row
+
+
+def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
+          n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
+          cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
+          on_result: Callable[[dict], None] | None = None) -> pd.DataFrame:
+    """Run (or read from the cache) every sampler x steps x guidance x mode x seed; one table row per run.
+
+    ``model``: a loaded model or a bundled name. ``modes``: dicts of extra keyword arguments for ``sample``
+    (e.g. ``{"spacing": "karras"}``), labelled in the ``mode`` column. ``metrics``: any of
+    ``fd, kid, prdc, class_accuracy, ode_distance`` (each with ``_low``, ``_high``, ``_n`` columns;
+    ``ode_distance`` is NaN for stochastic samplers). ``on_result(row)`` is called as each run finishes.
+    """
+    rows = list(iter_sweep(model, samplers, steps, guidance, modes, seeds, n_samples=n_samples, metrics=metrics,
+                           feature=feature, cache_dir=cache_dir, n_ode=n_ode, progress=progress, on_result=on_result))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- report
+def quality_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in ("fd", "kid", "precision", "recall", "density", "coverage", "class_accuracy", "ode_distance")
+            if c in df.columns and df[c].notna().any()]
+
+
+def run_labels(df: pd.DataFrame) -> pd.Series:
+    """One curve label per sampler, extended by mode/guidance/seed only where those vary in the table."""
+    label = df["sampler"].astype(str)
+    for col in ("mode", "guidance", "seed"):
+        if col in df.columns and df[col].nunique(dropna=False) > 1:
+            label = label + f" {col}=" + df[col].astype(str)
+    return label
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in ("sampler", "steps", "guidance", "mode", "seed", "nfe", "wall_s") if c in df.columns]
+    out = df[cols + quality_columns(df)].copy()
+    return out.sort_values(["sampler", "steps"]).reset_index(drop=True)
+
+
+def html_report(df: pd.DataFrame, path: str | Path, title: str = "companion bench") -> Path:
+    """A self-contained interactive HTML page (plotly.js inlined: works offline) with speed/quality figures."""
+    path = Path(path)
+    parts = []
+    first = True
+    df = df.assign(run=run_labels(df))
+    color = "run"
+    for y in quality_columns(df):
+        for x in ("wall_s", "nfe"):
+            fig = speed_quality_figure(df, x=x, y=y, color=color)
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
+            first = False
+    table = summary_table(df).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{padding:2px 8px;text-align:right}</style></head><body>"
+            f"<h1>{title}</h1><p>{len(df)} runs. Quality is measured in the bundled feature network's space "
+            "(not Inception); error bars are 95 % bootstrap intervals; dashed: Pareto front.</p>"
+            + "".join(parts) + "<h2>All runs</h2>" + table + "</body></html>")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _csv(text: str, cast=str, what: str = "value") -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s, got {text!r}")
+    out = []
+    for t in items:
+        if cast is not str and t.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(cast(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{t!r} is not a valid {what}") from None
+    return out
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` to the ``companion`` command's sub-parsers; its handler returns an exit code."""
+    p = subparsers.add_parser("bench", help="speed/quality sweep of samplers on a bundled model (CSV + HTML report)",
+                              description="Sample with every sampler x step count, measure speed and quality, "
+                                          "write bench.csv and an offline interactive report.html.")
+    p.add_argument("--model", required=True, help="bundled model name or asset folder (see `companion info`)")
+    p.add_argument("--samplers", required=True, type=lambda s: _csv(s, str, "sampler"), help="comma-separated, e.g. ddim,dpmpp_2m")
+    p.add_argument("--steps", required=True, type=lambda s: _csv(s, int, "step count"), help="comma-separated, e.g. 5,10,20,50")
+    p.add_argument("--guidance", type=lambda s: _csv(s, float, "guidance scale"), default=[None],
+                   help="comma-separated classifier-free guidance scales ('none' = unguided)")
+    p.add_argument("--spacing", type=lambda s: _csv(s, str, "spacing"), default=None,
+                   help="comma-separated timestep spacings to compare (default: each sampler's own)")
+    p.add_argument("--seeds", type=lambda s: _csv(s, int, "seed"), default=[0], help="comma-separated seeds")
+    p.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES, help=f"samples per run (default {DEFAULT_N_SAMPLES})")
+    p.add_argument("--metrics", type=lambda s: _csv(s, str, "metric"), default=list(DEFAULT_METRICS),
+                   help=f"comma-separated, from {','.join(ALL_METRICS)}")
+    p.add_argument("--cache-dir", default=None, help="run cache (default: <out>/cache)")
+    p.add_argument("--out", required=True, help="output folder for bench.csv and report.html")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args) -> int:
+    from .models import ModelError, load
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create output folder {out}: {e}", file=sys.stderr)
+        return 2
+    try:
+        model = load(args.model, device=args.device)
+        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
+        t0 = time.perf_counter()
+        df = sweep(model, args.samplers, args.steps, args.guidance, modes, args.seeds, n_samples=args.n_samples,
+                   metrics=args.metrics, cache_dir=args.cache_dir or out / "cache", progress=not args.no_progress)
+    except (ModelError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    df.to_csv(out / "bench.csv", index=False)
+    html_report(df, out / "report.html", title=f"companion bench: {model.name}")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(summary_table(df).to_string(index=False))
+    print(f"\n{len(df)} runs ({int(df['cached'].sum())} from cache) in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {out / 'bench.csv'} and {out / 'report.html'}")
+    return 0
