@@ -188,6 +188,32 @@ def static_view(nb):
     return nb
 
 
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+
+
+def store_checked_outputs(nb, path: Path) -> None:
+    """Write ``nb`` to ``path`` keeping only the outputs CI compares (cells marked NBVAL_CHECK_OUTPUT).
+
+    Every other output, execution count and the widget state are dropped: they hold volatile ids, timings
+    and megabytes of plotly.js, and the chapters are stored clean.
+    """
+    import nbformat
+
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        cell.metadata.pop("execution", None)
+        if CHECK_MARK in cell.source:
+            for out in cell.outputs:
+                if "execution_count" in out:
+                    out["execution_count"] = None
+        else:
+            cell.outputs = []
+    nb.metadata.pop("widgets", None)
+    nbformat.write(nb, path)
+
+
 def cmd_run_notebooks(args) -> int:
     from nbconvert import HTMLExporter
     from tqdm import tqdm
@@ -213,6 +239,8 @@ def cmd_run_notebooks(args) -> int:
             target = html_dir / (nb_path.stem + ".html")
             target.write_text(body, encoding="utf-8")
             out = str(target)
+        if args.store_checked_outputs and nb is not None:
+            store_checked_outputs(nb, nb_path)
         rows.append((nb_path.name, dt, status, out))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'notebook':<{width}}  {'seconds':>8}  status")
@@ -247,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", help="notebooks or folders (default: notebooks/)")
     s.add_argument("--html", default=None, metavar="DIR", help="write an HTML report of each executed notebook into DIR")
     s.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
+    s.add_argument("--store-checked-outputs", action="store_true",
+                   help="write the outputs of cells marked NBVAL_CHECK_OUTPUT back into the notebooks (all other outputs stripped)")
     s.set_defaults(func=cmd_run_notebooks)
 
     for module in ("train", "bench"):

@@ -225,3 +225,17 @@ def test_fresh_virtual_environment_installs_and_runs_info(tmp_path):
     # set-up is idempotent: a second run installs nothing
     r = subprocess.run([base_python, "-c", "import run; run.setup('')"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "up to date" in r.stdout
+
+
+def test_store_checked_outputs_keeps_only_marked_cells(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(round(2 / 3, 2))"), nbformat.v4.new_code_cell("print('volatile')")]
+    path = tmp_path / "checked.ipynb"
+    nbformat.write(nb, path)
+    r = run_cli("run-notebooks", str(path), "--store-checked-outputs", timeout=300)
+    assert r.returncode == 0, r.stderr
+    stored = nbformat.read(path, as_version=4)
+    assert stored.cells[0].outputs[0]["text"] == "0.67\n"
+    assert stored.cells[1].outputs == [] and stored.cells[1].execution_count is None
