@@ -364,8 +364,6 @@ def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = 
     tiny network for tests); ``resume`` continues from ``<out>.checkpoint/``. ``measure`` runs the recipe's
     quality measurement and records it in the card. Returns the output folder.
     """
-    from tqdm.auto import tqdm
-
     rec = recipe(name)
     steps = rec.steps if steps is None else int(steps)
     if steps < 1:
@@ -375,7 +373,17 @@ def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = 
     out = Path(out) if out is not None else default_out(name)
     ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure) -> Path:
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)  # network initialisation
     task = _TASKS[rec.kind](rec, cfg)
     net = task.net.train()
@@ -417,7 +425,7 @@ def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = 
     bar.close()
 
     card = {
-        "recipe": name,
+        "recipe": rec.name,
         "description": rec.description,
         "config": cfg,
         "seed": seed,
@@ -612,9 +620,13 @@ def measure_quality(folder: str | Path, recipe_name: str | None = None, *, progr
     name = recipe_name or card.get("recipe")
     if name not in QUALITY:
         raise KeyError(f"no quality measurement for {name!r}; valid: {', '.join(QUALITY)}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     t0 = time.perf_counter()
-    quality = QUALITY[name](load(folder, device="cpu"), progress)
+    try:
+        quality = QUALITY[name](load(folder, device="cpu"), progress)
+    finally:
+        torch.set_num_threads(threads)
     quality["measure_seconds"] = round(time.perf_counter() - t0, 1)
     card = dict(card, quality=quality)
     card.pop("files", None)

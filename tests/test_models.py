@@ -1,0 +1,209 @@
+"""companion.models: every bundled model loads (sha256 checked) and samples sensibly; loading errors are clear."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from companion import assets, data, models, train
+from companion.models import TRAIN_SCHEDULE, DiffusionModel, ModelError
+from companion.nets import NoisyClassifier
+
+SHIPPED = {name: r for name, r in train.RECIPES.items()}
+DIFFUSION = [n for n, r in SHIPPED.items() if r.kind in ("pixel", "latent", "sr")]
+
+
+@pytest.fixture(scope="module")
+def judge():
+    clf, test_acc = train.digits_reference_classifier()
+    assert test_acc > 0.9
+    return clf
+
+
+def _sample(model, n, **kw):
+    from companion.sampling import sample
+
+    return sample(model, "ddim", steps=10, batch=n, seed=0, **kw).images
+
+
+# ------------------------------------------------------------------------------------------------ bundled models
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_every_recipe_is_bundled_with_a_complete_card(name):
+    folder = assets.models_dir() / name
+    card = assets.verify(folder)  # every file's sha256
+    for key in ("recipe", "config", "seed", "training_steps", "training_seconds", "final_loss", "quality", "params", "command"):
+        assert key in card, f"{name}: card lacks {key!r}"
+    assert card["training_steps"] == SHIPPED[name].steps
+    assert card["training_seconds"] < 15 * 60, "every recipe must train within 15 minutes on the reference CPU"
+    assert all(rel.endswith((".safetensors", ".json")) for rel in card["files"]), card["files"]
+
+
+def test_all_assets_stay_under_60_mb():
+    total = sum(p.stat().st_size for p in assets.models_dir().rglob("*") if p.is_file())
+    assert total < 60e6, total
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_bundled_diffusion_model_samples_in_range(name, judge, no_unpickling):
+    model = models.load(name, device="cpu")
+    assert isinstance(model, DiffusionModel)
+    assert model.scheduler_config["beta_schedule"] == "linear" and model.scheduler_config["prediction_type"] == "epsilon"
+    kw, n = {}, 10
+    if model.conditional:
+        labels = torch.arange(n) % model.num_classes
+        kw = dict(class_labels=labels, guidance=3.0)
+    if model.cond_shape is not None:
+        x, _ = data.shapes("test", 32)
+        low = F.avg_pool2d(x[:n], 2)
+        kw = dict(cond=low)
+    imgs = _sample(model, n, **kw)
+    assert imgs.shape == (n, *model.image_shape)
+    assert torch.isfinite(imgs).all()
+    assert imgs.abs().max() < 1.5, float(imgs.abs().max())  # nominally [-1, 1]; 10 steps may overshoot a little
+    assert imgs.std() > 0.1  # not collapsed to a constant
+    if model.conditional:
+        pred = judge.predict(F.avg_pool2d(imgs.clamp(-1, 1), 2).flatten(1).numpy())
+        acc = float((torch.from_numpy(pred) == labels).float().mean())
+        assert acc >= 0.8, f"{name}: only {acc:.0%} of 10 guided samples recognised as the requested digit"
+    if model.cond_shape is not None:
+        # the super-resolved images must agree with their low-resolution inputs
+        mse = float(F.mse_loss(F.avg_pool2d(imgs.clamp(-1, 1), 2), low))
+        assert mse < 0.01, mse
+
+
+def test_every_sampler_is_bounded_on_the_training_schedule():
+    """All registered samplers from the linear TRAIN_SCHEDULE give bounded images; the cosine trap would not."""
+    from companion import samplers
+    from companion.sampling import sample
+
+    model = models.load("digits-cond", device="cpu")
+    labels = torch.arange(4)
+    for key in samplers.names():
+        res = sample(model, key, steps=10, batch=4, seed=0, class_labels=labels)
+        assert torch.isfinite(res.images).all() and res.images.abs().max() < 3, (key, float(res.images.abs().max()))
+    # control: the same network under the cosine schedule (sigma_max ~ 2e4) explodes silently with DPM-Solver++
+    cosine = DiffusionModel(model.unet, dict(TRAIN_SCHEDULE, beta_schedule="squaredcos_cap_v2"), name="cosine",
+                            num_classes=model.num_classes, sample_shape=model.sample_shape)
+    res = sample(cosine, "dpmpp_2m", steps=10, batch=4, seed=0, class_labels=labels)
+    assert not (res.images.abs().max() < 3)
+
+
+def test_noisy_classifier_loads_and_is_accurate_when_clean(no_unpickling):
+    clf = models.load("digits-noisy-clf", device="cpu")
+    assert isinstance(clf, NoisyClassifier)
+    x, y = data.digits(16, "test")
+    with torch.no_grad():
+        logits = clf(x, 0)
+        assert logits.shape == (len(x), 10)
+        assert float((logits.argmax(1) == y).float().mean()) > 0.9
+        noisy = clf(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), 999)
+    assert float((noisy.argmax(1) == y).float().mean()) < 0.3  # pure noise carries no class
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 16, 16\)"):
+        clf(torch.zeros(2, 1, 8, 8), 0)
+
+
+def test_autoencoder_and_latent_model_round_trip(no_unpickling):
+    vae = models.load("shapes-ae", device="cpu")
+    latent = models.load("shapes-latent", device="cpu")
+    x, _ = data.shapes("test", 32)
+    x = x[:100]
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        z = latent.encode(x)
+        back = latent.decode(z)
+    psnr = 10 * torch.log10(4 / F.mse_loss(rec, x))
+    assert psnr > 22, float(psnr)
+    assert z.shape == (100, *latent.sample_shape) and latent.sample_shape[1] * 4 == 32  # f = 4
+    # standardised latents: roughly zero mean, unit std per channel on real data
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.3 and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.3
+    torch.testing.assert_close(back, rec, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ loading errors
+def _copy(name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(assets.models_dir() / name, dst)
+    return dst
+
+
+def test_corrupted_weights_give_a_sha256_error_naming_the_file(tmp_path):
+    folder = _copy("digits-cond", tmp_path)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(assets.AssetError, match=rf"sha256 mismatch for .*{weights.name}.*git checkout"):
+        models.load(folder)
+
+
+def test_missing_file_is_named(tmp_path):
+    folder = _copy("digits-noisy-clf", tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(assets.AssetError, match=r"missing file .*model\.safetensors"):
+        models.load(folder)
+
+
+def test_wrong_kind_is_refused():
+    with pytest.raises(ModelError, match="'noisy-classifier' asset, not a diffusion model"):
+        DiffusionModel.from_folder(assets.models_dir() / "digits-noisy-clf")
+    with pytest.raises(ModelError, match="'diffusion' asset, not a noisy-classifier"):
+        NoisyClassifier.from_folder(assets.models_dir() / "digits-cond")
+
+
+def test_unknown_name_lists_the_bundled_models():
+    with pytest.raises(ModelError, match=r"unknown model 'digits-uncond-xl'.*bundled: .*digits-cond"):
+        models.load("digits-uncond-xl")
+
+
+# ------------------------------------------------------------------------------------------------ diffusers folders and the Hub
+def _tiny_unet(**kw):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    cfg = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    return UNet2DModel(**dict(cfg, **kw))
+
+
+def test_diffusers_pipeline_folder_loads_as_a_diffusion_model(tmp_path, no_unpickling):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    unet = _tiny_unet()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**TRAIN_SCHEDULE)).save_pretrained(tmp_path / "pipe")
+    model = models.load(tmp_path / "pipe", device="cpu")
+    assert isinstance(model, DiffusionModel) and model.sample_shape == (1, 8, 8) and not model.conditional
+    for k, v in TRAIN_SCHEDULE.items():
+        assert model.scheduler_config[k] == v
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_noise(x, 500), unet(x, torch.tensor([500, 500])).sample)
+    imgs = _sample(model, 2)
+    assert torch.isfinite(imgs).all()
+
+
+def test_diffusers_folder_errors(tmp_path):
+    from diffusers import AutoencoderKL
+
+    _tiny_unet().save_pretrained(tmp_path / "bare")
+    with pytest.raises(ModelError, match="no scheduler/scheduler_config.json.*save the whole pipeline"):
+        models.load(tmp_path / "bare")
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ModelError, match="holds a 'AutoencoderKL', not a UNet2DModel"):
+        models.load(tmp_path / "vae")
+    pickled = tmp_path / "pickled"
+    _tiny_unet().save_pretrained(pickled / "unet", safe_serialization=False)
+    (pickled / "scheduler").mkdir()
+    (pickled / "scheduler" / "scheduler_config.json").write_text(json.dumps(TRAIN_SCHEDULE))
+    with pytest.raises(ModelError, match="no .safetensors weights.*never loaded"):
+        models.load(pickled)
+
+
+def test_uncached_hub_id_fails_fast_offline(hf_offline):
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match=r"Hub model 'google/ddpm-cifar10-32' is not in the local Hugging Face cache.*save_pretrained"):
+        models.load("google/ddpm-cifar10-32")
+    assert time.perf_counter() - t0 < 10
