@@ -35,3 +35,15 @@ def test_bad_names_are_refused():
         schedules.convert(torch.zeros(1), torch.zeros(1), 0.5, "x0", "epsilon")
     with pytest.raises(ValueError, match="t=1000 is out of range"):
         schedules.noise(torch.zeros(1, 1, 2, 2), 1000)
+
+
+def test_schedule_trap_is_measured_and_leading_spacing_fixes_it():
+    df = schedules.schedule_trap_table(samplers=("ddim", "euler", "dpmpp_2m"), eps_error=0.01, batch=64)
+    by = df.set_index("sampler")
+    assert (df["linear schedule"] == "ok").all()
+    assert (df["cosine + leading"] == "ok").all()
+    # a 1 % error in eps, multiplied by sigma_max ~ 2e4 in the first step, throws Euler and DPM-Solver++ off the data
+    assert by.loc["Euler", "cosine schedule"].startswith("off the data")
+    assert by.loc["DPM-Solver++ 2M", "cosine schedule"].startswith("off the data")
+    # DDIM's default spacing is already "leading": it survives
+    assert by.loc["DDIM", "cosine schedule"] == "ok"
