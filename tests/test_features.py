@@ -65,3 +65,15 @@ def test_training_is_reproducible(tmp_path):
         assert ka == kb and torch.equal(va, vb), ka
     card = assets.verify(tmp_path / "a")
     assert card["steps"] == 3 and card["recipe"] == "companion.features.train_feature_net"
+
+
+def test_shapes_network_on_held_out_data():
+    from companion.data import shapes
+
+    net = load_feature_net("features-shapes")
+    card = assets.verify(assets.models_dir() / "features-shapes")
+    assert card["dataset"] == "shapes" and card["train_split"] == "train" and card["test_accuracy"] >= 0.8
+    x, y = shapes("test")
+    f, logits = net.extract(x[:400])
+    assert f.shape == (400, 64) and logits.shape == (400, 4)
+    assert (logits.argmax(1) == y[:400]).float().mean() >= 0.8

@@ -193,3 +193,18 @@ def test_energy_distance_matches_scipy_in_1d():
     # scipy returns the square root of the V-statistic version; the U-statistic differs by O(1/n)
     assert ours.value == pytest.approx(scipy_energy(x[:, 0], y[:, 0]) ** 2, rel=0.02)
     assert ours.low < ours.value < ours.high
+
+
+def test_shapes_space_validation():
+    """The same checks in the shapes feature space: real vs held-out small; noise and blur push FD up monotonically."""
+    from companion.data import shapes
+
+    x, _ = shapes("test")
+    ref = M.reference("features-shapes", images=x[:500])
+    held_out = x[500:]
+    fd_noise = [M.frechet_distance(noisy(held_out, s), ref, n_boot=50).value for s in (0.0, 0.05, 0.1, 0.2)]
+    fd_blur = [M.frechet_distance(gaussian_blur(held_out, s), ref, n_boot=50).value for s in (0.0, 1.0, 2.0)]
+    assert fd_noise[0] < 2.0
+    assert all(b > a for a, b in zip(fd_noise, fd_noise[1:])), fd_noise
+    assert all(b > a for a, b in zip(fd_blur, fd_blur[1:])), fd_blur
+    assert fd_noise[-1] > 20 * fd_noise[0]
