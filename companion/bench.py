@@ -32,7 +32,7 @@ from .plots import HIGHER_IS_BETTER, pareto_front, speed_quality_figure  # noqa:
 BENCH_VERSION = "1"  # bump when a row's definition changes: old cache entries are then not reused
 DEFAULT_METRICS = ("fd", "prdc", "class_accuracy", "ode_distance")
 ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
-DEFAULT_N_SAMPLES = 512
+DEFAULT_N_SAMPLES = 256
 DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
 CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
 

@@ -161,10 +161,10 @@ def test_cli_writes_csv_and_html(model, tmp_path, capsys):
 
 def test_sweep_reproduces_within_intervals(trained):
     """Two sweeps with the same seeds agree (identical on one machine); another seed agrees within the intervals."""
-    kw = dict(n_samples=256, metrics=("fd", "prdc", "class_accuracy"), progress=False)
-    a = bench.sweep(trained, ["dpmpp_2m"], [10], seeds=(0,), **kw)
-    b = bench.sweep(trained, ["dpmpp_2m"], [10], seeds=(0,), **kw)
-    c = bench.sweep(trained, ["dpmpp_2m"], [10], seeds=(1,), **kw)
+    kw = dict(n_samples=N, metrics=("fd", "prdc", "class_accuracy"), progress=False)
+    a = bench.sweep(trained, ["dpmpp_2m"], [8], seeds=(0,), **kw)
+    b = bench.sweep(trained, ["dpmpp_2m"], [8], seeds=(0,), **kw)
+    c = bench.sweep(trained, ["dpmpp_2m"], [8], seeds=(1,), **kw)
     for m in ("fd", "precision", "recall", "class_accuracy"):
         assert b[m].iloc[0] == a[m].iloc[0], m
         assert c[f"{m}_low"].iloc[0] <= a[f"{m}_high"].iloc[0] and a[f"{m}_low"].iloc[0] <= c[f"{m}_high"].iloc[0], m
