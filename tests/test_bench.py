@@ -169,3 +169,18 @@ def test_sweep_reproduces_within_intervals(trained):
         assert b[m].iloc[0] == a[m].iloc[0], m
         assert c[f"{m}_low"].iloc[0] <= a[f"{m}_high"].iloc[0] and a[f"{m}_low"].iloc[0] <= c[f"{m}_high"].iloc[0], m
     assert a["class_accuracy"].iloc[0] > 0.5  # a trained model draws mostly the requested digits
+
+
+def test_ode_distance_separates_solvers_on_an_exact_score_model():
+    """On an exact-score mixture, the distance to the reference ODE solution falls with steps and with solver order;
+    stochastic samplers get no ODE distance."""
+    from companion import oracle
+
+    df = bench.sweep(oracle.toy_mixture(), ["ddim", "heun", "euler_a"], [10, 40], n_samples=64,
+                     metrics=("ode_distance",), progress=False).set_index(["sampler", "steps"])
+    d = df["ode_distance"]
+    assert df.loc[("ddim", 40), "ode_distance_high"] < df.loc[("ddim", 10), "ode_distance_low"]
+    assert df.loc[("heun", 40), "ode_distance_high"] < df.loc[("ddim", 40), "ode_distance_low"]
+    assert d[("heun", 40)] < 0.25 * d[("ddim", 40)]
+    assert np.isnan(d[("euler_a", 10)]) and np.isnan(d[("euler_a", 40)])
+    assert (df["ode_distance_n"].dropna() == 64).all()
