@@ -92,9 +92,10 @@ RECIPES: dict[str, Recipe] = {
             "shapes-latent",
             "latent UNet on standardised shapes-ae latents (4x8x8); decode gives 32x32 images",
             "latent",
-            dict(data="shapes", size=32, autoencoder="shapes-ae", batch=64, lr=5e-4, ema=0.999, warmup=100, hflip=True,
+            dict(data="shapes", size=32, autoencoder="shapes-ae", batch=64, lr=1e-3, ema=0.999, warmup=100, hflip=True,
+                 high_t={"fraction": 0.5, "min": 400},
                  unet=_unet(8, 4, 4, (32, 64, 64), layers=1, attn=(False, False, True))),
-            steps=1500, seed=0, depends_on=("shapes-ae",),
+            steps=800, seed=0, depends_on=("shapes-ae",),
         ),
         Recipe(
             "shapes-pixel",
@@ -109,9 +110,10 @@ RECIPES: dict[str, Recipe] = {
             "shapes-base16",
             "low-resolution base UNet on 16x16 shapes (2x2 average-pooled 32x32 images): stage 1 of the cascade",
             "pixel",
-            dict(data="shapes", size=16, batch=32, lr=5e-4, ema=0.999, warmup=100, hflip=True,
+            dict(data="shapes", size=16, batch=32, lr=1e-3, ema=0.999, warmup=100, hflip=True,
+                 high_t={"fraction": 0.5, "min": 400},
                  unet=_unet(16, 3, 3, (32, 64, 64), layers=1, attn=(False, False, True))),
-            steps=900, seed=0,
+            steps=700, seed=0,
         ),
         Recipe(
             "shapes-sr32",
@@ -119,7 +121,7 @@ RECIPES: dict[str, Recipe] = {
             "sr",
             dict(data="shapes", size=32, low_size=16, batch=16, lr=5e-4, ema=0.999, warmup=100, hflip=True, cond_noise=0.05,
                  unet=_unet(32, 6, 3, (32, 64, 64), layers=1, attn=(False, False, False))),
-            steps=600, seed=0,
+            steps=500, seed=0,
         ),
     ]
 }
