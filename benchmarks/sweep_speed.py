@@ -7,7 +7,7 @@ the default metrics (FD, precision/recall/density/coverage, class accuracy). Tar
 
 The cold run happens in this process with an empty cache folder; the cached rerun in a fresh process
 (so no in-memory state helps it), timing the ``sweep`` call and the whole process. Writes
-benchmarks/results/sweep_speed.{json,md,csv}.
+benchmarks/results/sweep_speed_<model>.{json,md,csv}.
 """
 from __future__ import annotations
 
@@ -50,8 +50,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits-cond")
     p.add_argument("--n-samples", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--cached-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.cached_child:  # the from-cache rerun, in its own process
         t_proc = time.perf_counter()
         _, sweep_s, df = timed_sweep(args.model, args.n_samples, args.cached_child, progress=False)
@@ -64,12 +69,13 @@ def main(argv=None) -> int:
     total_s, sweep_s, df = timed_sweep(args.model, args.n_samples, cache, progress=True)
     t0 = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--model", args.model, "--n-samples", str(args.n_samples),
-                            "--cached-child", cache], capture_output=True, text=True, check=True)
+                            "--cached-child", cache] + (["--threads", str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
     process_s = time.perf_counter() - t0
     shutil.rmtree(cache)
     cached = json.loads(child.stdout.strip().splitlines()[-1])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    df.to_csv(RESULTS / "sweep_speed.csv", index=False)
+    stem = f"sweep_speed_{Path(args.model).name}"
+    df.to_csv(RESULTS / f"{stem}.csv", index=False)
     out = {
         "machine": info, "model": args.model, "samplers": SAMPLERS, "steps": STEPS, "n_samples": args.n_samples,
         "runs": len(df), "total_nfe_per_sample": int(df["nfe"].sum()),
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
         "cached_process_s": round(process_s, 2),
         "targets": {"cold_s": COLD_TARGET_S, "cached_s": CACHED_TARGET_S},
     }
-    (RESULTS / "sweep_speed.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     from companion.bench import summary_table
 
     table = summary_table(df).drop(columns=[c for c in ("guidance", "mode", "seed") if c in df.columns])
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
         "",
         table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```",
     ]
-    (RESULTS / "sweep_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if out["cold_s"] <= COLD_TARGET_S and out["cached_sweep_call_s"] <= CACHED_TARGET_S else 1
 
