@@ -109,9 +109,22 @@ class DPMSolverMultistep3MCorrected(DPMSolverMultistepScheduler):
 
 
 class LMSDiscreteExact(LMSDiscreteScheduler):
-    """diffusers' LMS with its Lagrange-basis integrals computed exactly (numpy polynomials, no quadrature)."""
+    """diffusers' LMS with its Lagrange-basis integrals computed exactly (numpy polynomials, no quadrature),
+    all of them once in ``set_timesteps`` (for the default order 4 that ``step`` uses)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._coeffs = {}
+        for t in range(len(self.timesteps)):
+            order = min(t + 1, 4)
+            for k in range(order):
+                self._coeffs[(order, t, k)] = self._integrate(order, t, k)
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        cached = getattr(self, "_coeffs", {}).get((order, t, current_order))
+        return cached if cached is not None else self._integrate(order, t, current_order)
+
+    def _integrate(self, order: int, t: int, current_order: int) -> float:
         s = [float(self.sigmas[t - k]) for k in range(order)]
         poly = np.poly1d([1.0])
         for k in range(order):
