@@ -158,3 +158,19 @@ def test_grid_png_shape():
 
     im = Image.open(BytesIO(grid_png(torch.zeros(5, 3, 4, 4), nrow=3, scale=2)))
     assert im.size == ((3 * 5 + 1) * 2, (2 * 5 + 1) * 2)
+
+
+def test_default_quality_is_distance_to_a_converged_solution(tiny_model):
+    from companion.widgets import RefDistance
+
+    q = RefDistance(reference_steps=40)
+    p = SamplerPanel(tiny_model, controls=("sampler", "steps"), defaults={"sampler": "ddim", "steps": 40, "batch": 4,
+                     "guidance": 1.5}, quality=q)
+    near = p.history[-1].quality
+    p.controls["steps"].value = 2
+    assert p.wait(60)
+    far = p.history[-1].quality
+    assert far > near >= 0  # 2 DDIM steps land further from the converged solution than 40 do
+    p.controls["sampler"].value = "euler_a"  # stochastic: no ODE reference, no point on the curve
+    assert p.wait(60)
+    assert p.history[-1].quality is None and "stochastic" in p.record.value
