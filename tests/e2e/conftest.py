@@ -63,6 +63,7 @@ def lab_server(tmp_path_factory) -> lab.LabServer:
         yield server
     finally:
         lab.stop_group(server.proc)
+        lab.stop_kernels_of(tmp / "runtime")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,24 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
 
 
+def stop_kernels_of(runtime_dir: Path) -> list[int]:
+    """SIGKILL kernels still running from ``runtime_dir`` (they get sessions of their own, outside the
+    server's process group, and outlive a server that had to be killed). Returns the PIDs signalled."""
+    killed = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.decode(errors="replace").startswith(str(runtime_dir) + os.sep) for arg in cmdline):
+            try:
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+                killed.append(int(proc_dir.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 def ensure_chromium() -> tuple[Path | None, str]:
     """Path to Chromium, installing Debian's package with .ci/setup-e2e when missing; else (None, why)."""
     if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK):
@@ -219,7 +237,7 @@ def open_notebook(page, server: LabServer, rel_path: str, workspace: str, timeou
         if (state == "idle" and not dialog.count()
                 and page.locator(f"{NOTEBOOK} {KERNEL_INDICATOR}[data-status='idle']").count()):
             return
-        time.sleep(0.2)
+        page.wait_for_timeout(200)
     raise AssertionError(f"{rel_path}: kernel not idle within {timeout_s:.0f} s (server: {state})")
 
 
@@ -262,7 +280,7 @@ def run_all(page, rel_path: str, timeout_s: float = 120.0, stall_s: float = 15.0
         else:
             idle_since = None
         last_pending = state["pending"]
-        time.sleep(0.25)
+        page.wait_for_timeout(250)
     raise AssertionError(f"{rel_path}: Run All not finished after {time.monotonic() - t0:.0f} s "
                          f"({state.get('pending')} of {state.get('total')} code cells pending, kernel {state.get('status')})")
 
@@ -278,7 +296,7 @@ def find_panel(page, rel_path: str, timeout_s: float = 20.0):
         if panel.count():
             panel.first.scroll_into_view_if_needed()
             return panel.first
-        time.sleep(0.2)
+        page.wait_for_timeout(200)
     outputs = [t.strip()[:200] for t in nb.locator(".jp-OutputArea-output").all_inner_texts() if t.strip()]
     raise AssertionError(
         f"{rel_path}: no panel rendered as a live widget (an output with {SLIDER}, {DROPDOWN} and {PLOT}) "
@@ -329,6 +347,18 @@ def panel_state(panel) -> PanelState:
     return PanelState(images=panel.evaluate(_IMAGE_STATE), points=panel.evaluate(_POINTS))
 
 
+def wait_for_figure_data(page, panel, rel_path: str, timeout_s: float) -> None:
+    """Every plotly figure in the panel must receive its traces; an empty chart is a rendering failure."""
+    count = "(root) => [...root.querySelectorAll('.js-plotly-plot')].map(gd => (gd.data || []).length)"
+    deadline = time.monotonic() + timeout_s
+    traces = panel.evaluate(count)
+    while not (traces and all(traces)) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+        traces = panel.evaluate(count)
+    assert traces and all(traces), (f"{rel_path}: a plotly figure in the panel rendered with no traces "
+                                    f"(an empty chart; traces per figure: {traces}) within {timeout_s:.0f} s")
+
+
 def _labelled(locator, pattern: str):
     """The widget whose label matches ``pattern`` (case-insensitive), else the first one."""
     for i in range(locator.count()):
@@ -346,7 +376,7 @@ def wait_for_reaction(page, panel, before: PanelState, what: str, timeout_s: flo
         grew = len(now.points) == len(before.points) and any(a > b for a, b in zip(now.points, before.points))
         if grew and now.images and now.images != before.images:
             return now
-        time.sleep(0.2)
+        page.wait_for_timeout(200)
     problems = []
     if not now.images:
         problems.append("the panel shows no image")
@@ -370,7 +400,7 @@ def move_steps_slider(page, panel, timeout_s: float) -> tuple[str, str]:
     handle.press("ArrowLeft" if at_max else "ArrowRight")
     deadline = time.monotonic() + timeout_s
     while readout.inner_text().strip() == old and time.monotonic() < deadline:
-        time.sleep(0.05)
+        page.wait_for_timeout(50)
     new = readout.inner_text().strip()
     assert new != old, f"the steps slider's readout stayed at {old!r} after a key press on its handle"
     return old, new
@@ -379,22 +409,25 @@ def move_steps_slider(page, panel, timeout_s: float) -> tuple[str, str]:
 def change_sampler(panel, acceptable=None) -> tuple[str, str]:
     """Pick another sampler in the dropdown: the first option (by label) that ``acceptable`` allows."""
     select = _labelled(panel.locator(".widget-dropdown"), r"sampler").locator("select")
-    labels = select.evaluate("s => [...s.options].map(o => o.textContent)")
-    old = select.evaluate("s => s.options[s.selectedIndex].textContent")
-    others = [o for o in labels if o != old and (acceptable is None or acceptable(o))]
-    assert others, f"the sampler dropdown offers {labels!r}: no other acceptable sampler than {old!r}"
-    select.select_option(label=others[0])
-    return old, others[0]
+    # ipywidgets shows spaces in option labels as no-break spaces; compare them as plain text.
+    labels = select.evaluate("s => [...s.options].map(o => o.textContent.replace(/\\u00a0/g, ' '))")
+    current = select.evaluate("s => s.selectedIndex")
+    pick = next((i for i, o in enumerate(labels) if i != current and (acceptable is None or acceptable(o))), None)
+    assert pick is not None, f"the sampler dropdown offers {labels!r}: no other acceptable sampler than {labels[current]!r}"
+    select.select_option(index=pick)
+    return labels[current], labels[pick]
 
 
-def exercise_panel(page, rel_path: str, shot_name: str, timeout_s: float, sampler_ok=None) -> dict:
+def exercise_panel(page, rel_path: str, shot_name: str, timeout_s: float, sampler_ok=None,
+                   render_timeout_s: float = REACT_TIMEOUT) -> dict:
     """Find the live panel, move the steps slider, change the sampler; each must redraw and add a point.
 
     ``sampler_ok(label)`` limits which sampler to switch to (e.g. those whose runs add a point to the curve).
+    ``timeout_s`` bounds each reaction; ``render_timeout_s`` bounds the figure's first data.
     """
     panel = find_panel(page, rel_path)
+    wait_for_figure_data(page, panel, rel_path, render_timeout_s)
     start = panel_state(panel)
-    assert start.points, f"{rel_path}: the panel has no plotly figure data"
     screenshot(page, f"{shot_name}-1-rendered")
 
     steps = move_steps_slider(page, panel, timeout_s)

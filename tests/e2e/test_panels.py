@@ -12,11 +12,24 @@ import pytest
 
 import jupyterlab_driver as lab
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+# Room for the slowest path: Run All, two panel reactions, page and kernel start.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(lab.RUN_TIMEOUT + 2 * lab.REACT_TIMEOUT + 120)]
 
 
 def _no_console_errors(lab_page) -> None:
     assert not lab_page.console.errors, "front-end errors in the browser console:\n" + "\n".join(lab_page.console.errors)
+
+
+def _adds_a_point(label: str) -> bool:
+    """Samplers whose panel runs add a point to the speed/quality curve, cheapest kind first.
+
+    The curve's quality is the distance to an ODE reference, which stochastic samplers do not have (their
+    runs add no point by design); one network evaluation per step keeps the run short.
+    """
+    from companion.samplers import REGISTRY
+
+    spec = next((s for s in REGISTRY.values() if s.name == label), None)
+    return spec is not None and not spec.stochastic and spec.nfe_per_step == 1
 
 
 def test_fixture_panel_reacts(lab_page):
@@ -28,6 +41,17 @@ def test_fixture_panel_reacts(lab_page):
     assert start == [1] and after_slider == [2] and after_sampler == [3], seen  # one point per run
     assert seen["steps"] == ("10", "11"), seen  # ArrowRight moves the IntSlider by its step of 1
     assert seen["sampler"] == ("ddim", "euler"), seen
+    _no_console_errors(lab_page)
+
+
+def test_companion_sampler_panel_reacts(lab_page):
+    """companion.widgets.SamplerPanel itself, on an exact-score toy model (cheap runs, same widgets)."""
+    nb = "e2e/sampler_panel.ipynb"
+    lab_page.open(nb)
+    lab_page.run_all(nb)
+    seen = lab.exercise_panel(lab_page.page, nb, lab_page.name, lab.REACT_TIMEOUT, sampler_ok=_adds_a_point)
+    assert seen["steps"] == ("10", "11"), seen
+    assert seen["sampler"][0] == "DPM-Solver++ 2M", seen
     _no_console_errors(lab_page)
 
 
@@ -45,18 +69,6 @@ def test_harness_fails_when_panel_is_text_only(lab_page):
     lab_page.run_all(nb)
     with pytest.raises(AssertionError, match=r"no panel rendered as a live widget.*VBox\(children="):
         lab.find_panel(lab_page.page, nb, timeout_s=3)
-
-
-def _adds_a_point(label: str) -> bool:
-    """Samplers whose panel runs add a point to the speed/quality curve, cheapest kind first.
-
-    The curve's quality is the distance to an ODE reference, which stochastic samplers do not have (their
-    runs add no point by design); one network evaluation per step keeps the run short.
-    """
-    from companion.samplers import REGISTRY
-
-    spec = next((s for s in REGISTRY.values() if s.name == label), None)
-    return spec is not None and not spec.stochastic and spec.nfe_per_step == 1
 
 
 @pytest.mark.parametrize("notebook", lab.repo_notebooks(), ids=lambda p: p.name)
