@@ -4,7 +4,9 @@ The public API, re-exported here, is small; each module has one job (see docs/ar
 """
 from .device import generator, pick_device, randn
 from .models import DiffusionModel, ModelError, load
+from .samplers import glossary
+from .sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffusionModel", "ModelError", "generator", "load", "pick_device", "randn", "__version__"]
+__all__ = ["DiffusionModel", "ModelError", "generator", "glossary", "load", "pick_device", "randn", "sample", "__version__"]
