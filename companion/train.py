@@ -157,6 +157,8 @@ class _Task:
     def __init__(self, rec: Recipe, cfg: dict):
         self.rec, self.cfg = rec, cfg
         self.x, self.y = _images(cfg)
+        if cfg.get("limit"):  # the first `limit` training images only (quick checks of a recipe's plumbing)
+            self.x, self.y = self.x[: cfg["limit"]], self.y[: cfg["limit"]]
         self.net = self.build()
 
     def build(self) -> torch.nn.Module:

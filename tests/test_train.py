@@ -84,9 +84,9 @@ def test_noisy_classifier_recipe_trains_and_measures(tmp_path, no_unpickling):
 
 def test_autoencoder_and_latent_recipes_chain(tmp_path):
     ae_cfg = dict(vae=dict(train.RECIPES["shapes-ae"].config["vae"], block_out_channels=[8, 8, 8], norm_num_groups=8), batch=8)
-    ae = _run(tmp_path, "shapes-ae", steps=2, sub="ae", config=ae_cfg)
+    ae = _run(tmp_path, "shapes-ae", steps=2, sub="ae", config=dict(ae_cfg, limit=200))
     assert assets.read_card(ae)["kind"] == "autoencoder"
-    lat_cfg = dict(autoencoder=str(ae), unet=train._unet(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8)
+    lat_cfg = dict(autoencoder=str(ae), unet=train._unet(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8, limit=200)
     lat = models.load(_run(tmp_path, "shapes-latent", steps=2, sub="lat", config=lat_cfg), device="cpu")
     assert lat.is_latent and lat.sample_shape == (4, 8, 8) and lat.image_shape == (3, 32, 32)
     assert lat.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
