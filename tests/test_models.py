@@ -19,6 +19,7 @@ SHIPPED = {name: r for name, r in train.RECIPES.items()}
 # these tests pass, and then the mark must go.
 UNDERTRAINED = {
     "shapes-pixel": "3x32x32 pixel UNet after 700 steps of batch 16: most pixels out of range (card: out_of_range_fraction)",
+    "shapes-base16": "3x16x16 pixel UNet after 700 steps of batch 32: many pixels out of range (card: out_of_range_fraction)",
 }
 DIFFUSION = [
     pytest.param(n, marks=pytest.mark.xfail(reason=UNDERTRAINED[n], strict=True)) if n in UNDERTRAINED else n
