@@ -41,14 +41,14 @@ LAB_SETTINGS = {
 
 # What a rendered panel is: one output holding a live slider, a live dropdown and a live plotly figure.
 # Only live ipywidgets views carry the .jupyter-widgets classes; a text or static-HTML fallback never does.
-SLIDER = ".jupyter-widgets.widget-slider"
-DROPDOWN = ".widget-dropdown select"
+SLIDER = ".jupyter-widgets.widget-slider:has(> label.widget-label:text-matches('^steps$', 'i'))"
+DROPDOWN = ".jupyter-widgets.widget-dropdown:has(> label.widget-label:text-matches('^sampler$', 'i')) select"
 PLOT = ".js-plotly-plot"
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 KERNEL_INDICATOR = ".jp-Notebook-ExecutionIndicator"
 
-# A notebook "has a panel" when a code cell uses companion.widgets (or the fixture's own panel).
-PANEL_SOURCE = re.compile(r"companion\.widgets|from\s+companion\s+import\s[^\n]*\bwidgets\b|widgets\.VBox\(\[widgets\.HBox\(\[slider")
+# A notebook "has a sampler panel" when a code cell builds companion.widgets.SamplerPanel.
+PANEL_SOURCE = re.compile(r"\bSamplerPanel\(")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -359,14 +359,6 @@ def wait_for_figure_data(page, panel, rel_path: str, timeout_s: float) -> None:
                                     f"(an empty chart; traces per figure: {traces}) within {timeout_s:.0f} s")
 
 
-def _labelled(locator, pattern: str):
-    """The widget whose label matches ``pattern`` (case-insensitive), else the first one."""
-    for i in range(locator.count()):
-        if re.search(pattern, locator.nth(i).inner_text(), re.I):
-            return locator.nth(i)
-    return locator.first
-
-
 def wait_for_reaction(page, panel, before: PanelState, what: str, timeout_s: float) -> PanelState:
     """Wait until the images changed and a plotly figure gained a point; fail naming what did not happen."""
     deadline = time.monotonic() + timeout_s
@@ -391,7 +383,7 @@ def wait_for_reaction(page, panel, before: PanelState, what: str, timeout_s: flo
 
 def move_steps_slider(page, panel, timeout_s: float) -> tuple[str, str]:
     """Focus the steps slider's handle and press an arrow key, as a keyboard user would."""
-    slider = _labelled(panel.locator(SLIDER), r"step")
+    slider = panel.locator(SLIDER).first
     handle = slider.locator(".noUi-handle").first
     readout = slider.locator(".widget-readout").first
     old = readout.inner_text().strip()
@@ -408,7 +400,7 @@ def move_steps_slider(page, panel, timeout_s: float) -> tuple[str, str]:
 
 def change_sampler(panel, acceptable=None) -> tuple[str, str]:
     """Pick another sampler in the dropdown: the first option (by label) that ``acceptable`` allows."""
-    select = _labelled(panel.locator(".widget-dropdown"), r"sampler").locator("select")
+    select = panel.locator(DROPDOWN).first
     # ipywidgets shows spaces in option labels as no-break spaces; compare them as plain text.
     labels = select.evaluate("s => [...s.options].map(o => o.textContent.replace(/\\u00a0/g, ' '))")
     current = select.evaluate("s => s.selectedIndex")

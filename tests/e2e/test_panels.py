@@ -74,7 +74,7 @@ def test_harness_fails_when_panel_is_text_only(lab_page):
 @pytest.mark.parametrize("notebook", lab.repo_notebooks(), ids=lambda p: p.name)
 def test_notebook_panel_reacts(lab_page, notebook):
     if not lab.has_panel(notebook):
-        pytest.skip(f"{notebook.name} has no interactive panel yet (no code cell uses companion.widgets)")
+        pytest.skip(f"{notebook.name} has no sampler panel yet (no code cell builds companion.widgets.SamplerPanel)")
     nb = f"notebooks/{notebook.name}"
     lab_page.open(nb)
     lab_page.run_all(nb)
