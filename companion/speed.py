@@ -131,6 +131,28 @@ class SpeedOptions:
             raise SpeedOptionError(f"unknown speed option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def from_label(cls, label: str) -> "SpeedOptions":
+        """The inverse of :meth:`label`: ``"bf16+channels_last+compile:reduce-overhead"`` -> options."""
+        parts = [p.strip() for p in str(label).split("+") if p.strip()]
+        if not parts:
+            raise SpeedOptionError(f"empty speed label {label!r}; e.g. 'fp32', 'bf16+channels_last+compile'")
+        kw: dict = {"precision": parts[0]}
+        flags = {"channels_last": ("channels_last", True), "classic_attention": ("sdpa", False), "cuda_graphs": ("cuda_graphs", True)}
+        for part in parts[1:]:
+            if part in flags:
+                key, value = flags[part]
+                kw[key] = value
+            elif part.split(":")[0].split("@")[0] == "compile":
+                head, _, backend = part.partition("@")
+                kw["compile"] = True
+                kw["compile_mode"] = head.partition(":")[2] or "default"
+                kw["compile_backend"] = backend or "inductor"
+            else:
+                raise SpeedOptionError(f"unknown part {part!r} in speed label {label!r}; after the precision use "
+                                       "channels_last, classic_attention, cuda_graphs, compile[:mode][@backend]")
+        return cls(**kw)
+
     def check_device(self, device: torch.device) -> None:
         """Refuse options that cannot run on ``device``, naming the option and what to use instead."""
         kind = torch.device(device).type

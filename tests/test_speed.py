@@ -73,6 +73,11 @@ def test_options_validate_and_describe():
                  "compile_backend": "inductor", "cuda_graphs": False, "sdpa": True,
                  "label": "bf16+channels_last+compile:max-autotune"}
     assert SpeedOptions.from_dict(d) == opts
+    for o in (opts, EAGER_FP32, SpeedOptions(sdpa=False, cuda_graphs=True),
+              SpeedOptions(compile=True, compile_backend="aot_eager"), SpeedOptions(precision="fp16", compile=True)):
+        assert SpeedOptions.from_label(o.label()) == o
+    with pytest.raises(SpeedOptionError, match=r"unknown part 'turbo'.*channels_last, classic_attention"):
+        SpeedOptions.from_label("bf16+turbo")
     assert EAGER_FP32.label() == "fp32"
     assert SpeedOptions(sdpa=False, cuda_graphs=True).label() == "fp32+classic_attention+cuda_graphs"
     assert SpeedOptions(compile=True, cuda_graphs=True).effective_compile_mode == "reduce-overhead"

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU device check, one command, at most 5 minutes on one H100, no network needed:
+#   1. the GPU tests and the speed tests (tests/test_gpu.py, tests/test_speed.py with the slow inductor test on),
+#   2. the GPU benchmark (benchmarks/gpu_benchmark.py) with the time that is left,
+# then prints where the results are: benchmarks/results/gpu_<gpu-name>.json and .md, plus the logs.
+#
+#   bash benchmarks/device_check.sh [COPY_DIR]
+#
+# COPY_DIR (optional): also copy the results and logs there (e.g. a folder that a remote runner brings back).
+# Python: the repo's .venv when it sees a CUDA GPU, else python3 (a GPU image with torch). Missing pure-Python
+# packages (diffusers, importlib_metadata) are installed from wheels in .whl/ when that folder exists; see docs/gpu.md.
+# DEVICE_CHECK_LIMIT_S overrides the total budget (default 290 s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LIMIT=${DEVICE_CHECK_LIMIT_S:-290}
+START=$(date +%s)
+COPY_DIR=${1:-}
+RESULTS="$ROOT/benchmarks/results"
+LOGS="$RESULTS/logs"
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 COMPANION_SLOW_TESTS=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+say() { echo "[device-check $(( $(date +%s) - START ))s] $*"; }
+
+PY=python3
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  PY=.venv/bin/python
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  say "no CUDA GPU visible to $PY (torch.cuda.is_available() is False): this check needs a GPU machine"; exit 2
+fi
+if ! "$PY" -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
+  say "installing carried wheels from .whl/ into /tmp/companion-site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/companion-site .whl/*.whl || exit 2
+  export PYTHONPATH="$PYTHONPATH:/tmp/companion-site"
+fi
+missing=$("$PY" - <<'EOF'
+import importlib
+need = ["torch", "diffusers", "numpy", "scipy", "safetensors", "tqdm", "pytest"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  say "missing Python packages: $missing. On a machine with a registry run (for Python 3.12 here):"
+  say "  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl $missing"
+  say "and bring the .whl/ folder along; see docs/gpu.md"; exit 2
+fi
+"$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| diffusers', diffusers.__version__)"
+
+say "tests (GPU and speed options); budget $(( $(left) - 150 )) s"
+timeout --signal=INT $(( $(left) - 150 )) "$PY" -m pytest tests/test_gpu.py tests/test_speed.py -q -rs --durations=10 -p no:cacheprovider \
+  2>&1 | tee "$LOGS/pytest.log"
+TESTS_RC=${PIPESTATUS[0]}
+say "tests exit code $TESTS_RC"
+
+BUDGET=$(( $(left) - 20 ))
+if [ "$BUDGET" -lt 60 ]; then
+  say "only $BUDGET s left: the benchmark needs at least 60 s"; BENCH_RC=124
+else
+  say "benchmark; new measurements stop after $(( BUDGET - 25 )) s"
+  timeout --signal=INT "$BUDGET" "$PY" benchmarks/gpu_benchmark.py --time-limit $(( BUDGET - 25 )) --out "$RESULTS" \
+    2>&1 | tee "$LOGS/benchmark.log"
+  BENCH_RC=${PIPESTATUS[0]}
+fi
+say "benchmark exit code $BENCH_RC"
+
+echo
+say "results:"
+ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md 2>/dev/null | sed 's/^/  /'
+echo "  $LOGS/pytest.log"
+echo "  $LOGS/benchmark.log"
+if [ -n "$COPY_DIR" ]; then
+  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
+  say "copied to $COPY_DIR"
+fi
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
