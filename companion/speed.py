@@ -478,4 +478,9 @@ def describe(model) -> dict:
     """The speed options a model runs with (eager fp32 for a model that was never accelerated)."""
     if isinstance(model, AcceleratedModel):
         return model.describe()
-    return dict(EAGER_FP32.describe(), device=str(getattr(model, "device", "cpu")), applied={}, notes=[])
+    device = torch.device(getattr(model, "device", "cpu"))
+    notes = []
+    if device.type == "cuda":  # not accelerated: PyTorch's own TF32 settings apply, which may not be IEEE fp32
+        notes.append("not accelerated: PyTorch's default float32 math (matmul fp32_precision="
+                     f"{torch.backends.cuda.matmul.fp32_precision!r}, cuDNN conv {torch.backends.cudnn.conv.fp32_precision!r})")
+    return dict(EAGER_FP32.describe(), device=str(device), applied={}, notes=notes)
