@@ -3,7 +3,7 @@ options that cannot work here are refused clearly, and run records say what was 
 
 The inductor test (real code generation with gcc) takes 60-135 s on a 2-core CPU, too long for CI: it runs when
 COMPANION_SLOW_TESTS=1 (benchmarks/device_check.sh sets it). Graph capture is always checked with the
-aot_eager backend (TorchDynamo + AOTAutograd, no code generation).
+eager backend (TorchDynamo capture, no code generation).
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def test_compile_graph_capture_matches_eager(model, batch):
 
     torch._dynamo.reset()
     x, y = batch
-    acc = accelerate(model, SpeedOptions(compile=True, compile_backend="aot_eager"))
+    acc = accelerate(model, SpeedOptions(compile=True, compile_backend="eager"))  # capture only: seconds, not minutes
     out = acc.predict_noise(x, 500, class_labels=y)
     assert (out - model.predict_noise(x, 500, class_labels=y)).abs().max().item() < FP32_ABS_TOL
     assert acc.describe()["applied"]["compile"] is True
@@ -218,8 +218,6 @@ def test_sample_runs_through_the_accelerated_model(model):
     res = sample(acc, "ddim", steps=4, batch=4, seed=3, guidance=2.0)
     assert res.record.nfe == ref.record.nfe == 8
     assert (res.images - ref.images).abs().max().item() < 1e-4  # 4 steps amplify the 1e-6 eps differences (seen: 3e-5)
-    bf16 = sample(accelerate(model, SpeedOptions(precision="bf16")), "ddim", steps=4, batch=4, seed=3, guidance=2.0)
-    assert 1e-4 < rel_err(bf16.images, ref.images) < 0.05
 
 
 # ------------------------------------------------------------------------------------------ plumbing
