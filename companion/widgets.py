@@ -327,6 +327,10 @@ class SamplerPanel:
         kw = {k: p[k] for k in ("sampler", "steps", "seed", "batch", "spacing") if k in p}
         kw.setdefault("batch", 16)
         spec = REGISTRY[kw.get("sampler", "dpmpp_2m")]
+        if p.get("cond") is not None:  # a super-resolution stage: fixed low-resolution inputs
+            if len(p["cond"]) < kw["batch"]:
+                raise ValueError(f"batch={kw['batch']} but only {len(p['cond'])} conditioning images were given")
+            kw["cond"] = p["cond"][: kw["batch"]]
         if "eta" in p and spec.has_eta:
             kw["eta"] = p["eta"]
         if model.conditional:
