@@ -113,8 +113,11 @@ class LMSDiscreteExact(LMSDiscreteScheduler):
     all of them once in ``set_timesteps`` (for the default order 4 that ``step`` uses)."""
 
     def set_timesteps(self, *args, **kwargs):
+        in_init = not hasattr(self, "derivatives")  # __init__ sets a 1000-step grid nobody samples with
         super().set_timesteps(*args, **kwargs)
         self._coeffs = {}
+        if in_init:
+            return
         for t in range(len(self.timesteps)):
             order = min(t + 1, 4)
             for k in range(order):
@@ -153,11 +156,12 @@ class SamplerSpec:
     spacings: tuple = ALL
     has_eta: bool = False
     note: str = ""
+    min_steps: int = 1
 
     def expected_nfe(self, steps: int) -> int:
         """Network evaluations per sample for ``steps`` steps (without guidance)."""
         if self.key == "pndm":
-            return steps + 9 if steps > 3 else 4 * steps  # 3 Runge-Kutta warm-up steps of 4 evaluations each
+            return steps + 9  # 3 Runge-Kutta warm-up steps of 4 evaluations each
         if self.key == "plms":
             return steps + 1 if steps > 1 else steps  # the first step is a 2-evaluation predictor-corrector
         if self.nfe_per_step == 2:
@@ -189,7 +193,7 @@ _SPECS = [
           scheduler=DDIMScheduler, a1111="DDIM", comfyui="ddim", order=1, spacings=NO_SIGMAS,
           has_eta=True, note="eta=0: deterministic (first-order ODE solver, same path as Euler); eta=1: DDPM-like"),
     _spec(key="pndm", name="PNDM", paper="Liu et al., Pseudo Numerical Methods for Diffusion Models on Manifolds", arxiv="2202.09778",
-          scheduler=PNDMScheduler, overrides=dict(skip_prk_steps=False), order=2, spacings=NO_SIGMAS,
+          scheduler=PNDMScheduler, overrides=dict(skip_prk_steps=False), order=2, spacings=NO_SIGMAS, min_steps=4,
           note="3 Runge-Kutta warm-up steps (4 NFE each), then 4-step Adams-Bashforth on the pseudo-numerical step; "
                "the weights assume a grid uniform in sigma, which it is not: order 2, not 4"),
     _spec(key="plms", name="PLMS", paper="Liu et al., Pseudo Numerical Methods for Diffusion Models on Manifolds", arxiv="2202.09778",

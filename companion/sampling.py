@@ -111,6 +111,9 @@ def _check_args(model, spec, steps, guidance, eta, class_labels, classifier, cla
     n_train = int(model.scheduler_config["num_train_timesteps"])
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n_train:
         raise SamplingError(f"steps must be an int in [1, {n_train}] (the model's training steps), got {steps!r}")
+    if steps < spec.min_steps:
+        raise SamplingError(f"sampler {spec.key!r} needs at least {spec.min_steps} steps (got {steps}): "
+                            f"its Runge-Kutta warm-up alone takes 3; use 'plms' for fewer steps")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise SamplingError(f"batch must be a positive int, got {batch!r}")
     if guidance is not None:
