@@ -167,6 +167,8 @@ def test_sweep_reproduces_within_intervals(trained):
     c = bench.sweep(trained, ["dpmpp_2m"], [8], seeds=(1,), **kw)
     for m in ("fd", "precision", "recall", "class_accuracy"):
         assert b[m].iloc[0] == a[m].iloc[0], m
+    # recall/coverage intervals hold the generated manifold fixed, so they do not cover seed-to-seed variation
+    for m in ("fd", "precision", "class_accuracy"):
         assert c[f"{m}_low"].iloc[0] <= a[f"{m}_high"].iloc[0] and a[f"{m}_low"].iloc[0] <= c[f"{m}_high"].iloc[0], m
     assert a["class_accuracy"].iloc[0] > 0.5  # a trained model draws mostly the requested digits
 
