@@ -4,7 +4,7 @@
 :func:`companion.sampling.sample`, measures each run (NFE, wall/network/overhead time, FLOPs per sample,
 peak memory, and quality metrics with intervals) and returns a tidy table, one row a run.
 
-Each finished run is written to ``cache_dir`` at once (atomic: temporary file, then ``os.replace``), keyed
+Each finished run is written to ``cache_dir`` (default: :func:`default_cache_dir`; ``False`` turns it off) at once (atomic: temporary file, then ``os.replace``), keyed
 by a digest of the full configuration, the model's sha256 and the metric/bench versions. A rerun reads the
 rows back instantly; an interrupted sweep keeps every run it finished; a cache entry that cannot be read
 back is reported (a warning naming the file) and recomputed.
@@ -96,11 +96,28 @@ def cache_key(config: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- cache
-class RunCache:
-    """One JSON file per finished run: ``<key>.json`` holding the configuration and the row."""
+CACHE_ENV = "COMPANION_CACHE"
 
-    def __init__(self, folder: str | Path | None):
-        self.folder = Path(folder) if folder is not None else None
+
+def default_cache_dir() -> Path:
+    """Where sweeps are cached unless told otherwise: ``$COMPANION_CACHE/sweeps`` or ``~/.cache/companion/sweeps``.
+
+    Shared by every chapter on this machine, so a later chapter (or a rerun) reads the runs an earlier one made.
+    """
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "companion") / "sweeps"
+
+
+class RunCache:
+    """One JSON file per finished run: ``<key>.json`` holding the configuration and the row.
+
+    ``folder=None`` means the default cache (:func:`default_cache_dir`); ``folder=False`` turns caching off.
+    """
+
+    def __init__(self, folder: str | Path | None | bool):
+        if folder is None:
+            folder = default_cache_dir()
+        self.folder = Path(folder) if folder is not False else None
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 

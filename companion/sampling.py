@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 import math
 import numbers
 import resource
@@ -65,6 +66,7 @@ class RunRecord:
     classifier_evals: int = 0
     device: str = "cpu"
     model: str = ""
+    speed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +165,7 @@ def _labels(model, class_labels, batch, device):
 def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | None = None, eta: float | None = None,
            spacing: str | None = None, seed: int = 0, batch: int = 16, class_labels=None, cond=None, classifier=None,
            classifier_scale: float | None = None, return_trajectory: bool = False, device=None,
-           progress: bool = False) -> SampleResult:
+           progress: bool = False, speed=None) -> SampleResult:
     """Draw ``batch`` samples from ``model`` with ``sampler`` in ``steps`` steps.
 
     ``model``: any object with the :class:`companion.models.DiffusionModel` interface (pixel, latent — decoded
@@ -177,6 +179,9 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     spacings a scheduler cannot do are refused.
     ``return_trajectory``: also return ``[(t, x_t), ...]``: the state (VP scaling) at the start of every full
     step, then ``(-1.0, x_0)`` for the final output (-1 marks sigma = 0).
+    ``speed``: speed options for the network (:class:`companion.speed.SpeedOptions`, a dict, or a label such as
+    ``"bf16+channels_last"``); recorded in ``record.speed``. For repeated calls, build the model once with
+    :func:`companion.speed.accelerate` instead (each call here prepares, and possibly compiles, a copy).
     """
     spec = registry.get(sampler)
     if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
@@ -188,6 +193,14 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     dev = pick_device(device) if device is not None else _model_device(model)
     if hasattr(model, "to") and _model_device(model) != dev:
         model.to(dev)
+    if speed is not None:
+        from .speed import SpeedOptions, accelerate
+
+        if isinstance(speed, str):
+            speed = SpeedOptions.from_label(speed)
+        elif isinstance(speed, Mapping):
+            speed = SpeedOptions.from_dict(speed)
+        model = accelerate(model, speed, dev)
     on_cuda = dev.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(dev)
@@ -285,9 +298,17 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
         guidance=None if guidance is None else float(guidance), eta=None if eta is None else float(eta),
         spacing=spacing, stochastic=stochastic, classifier_scale=None if classifier is None else float(scale),
         classifier_evals=clf_calls, device=str(dev), model=str(getattr(model, "name", "")),
+        speed=_speed_record(model),
     )
     return SampleResult(images=images, samples=samples, record=record, trajectory=trajectory, x_T=x_T,
                         class_labels=None if labels is None else labels.cpu())
+
+
+def _speed_record(model) -> dict:
+    """The speed options a run used (eager fp32 unless the model was accelerated)."""
+    from .speed import describe
+
+    return describe(model)
 
 
 _SCHEDULERS: "OrderedDict[tuple, object]" = OrderedDict()

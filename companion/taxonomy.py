@@ -52,3 +52,10 @@ def sunburst(df: pd.DataFrame | None = None) -> go.Figure:
     fig.update_layout(height=560, margin=dict(l=0, r=0, t=30, b=0),
                       title="Efficient diffusion: the survey's two groups (* = the companion's own placement, grey)")
     return fig
+
+
+def published_numbers() -> pd.DataFrame:
+    """Published sample-quality numbers (``assets/published_numbers.csv``), to show *beside* the companion's
+    own measurements, labelled as published: CIFAR-10, Inception-FID on 50k samples, from the cited papers.
+    Values recalled but not checked against a primary source are left out of the file."""
+    return pd.read_csv(assets_dir() / "published_numbers.csv", dtype={"arxiv": str})

@@ -137,9 +137,24 @@ def mode_control(modes: Iterable[str], value: str | None = None) -> w.ToggleButt
     return w.ToggleButtons(options=modes, value=value or modes[0], description="space")
 
 
+def speed_control(value: str = "fp32", device: str | None = None) -> w.Dropdown:
+    """Speed options (precision, memory layout) for the network; the choices are those this device supports.
+    torch.compile is left out of the panel: compiling takes minutes on a CPU (use companion.speed directly)."""
+    from .device import pick_device
+    from .speed import DEVICE_PRECISIONS
+
+    kind = pick_device(device).type
+    labels = []
+    for prec in DEVICE_PRECISIONS.get(kind, ("fp32",)):
+        labels += [prec, f"{prec}+channels_last"]
+    if kind == "cuda":
+        labels += ["bf16+channels_last+compile"]
+    return w.Dropdown(options=labels, value=value if value in labels else labels[0], description="speed")
+
+
 CONTROL_FACTORIES: dict[str, Callable[..., w.Widget]] = {
     "sampler": sampler_control, "steps": steps_control, "guidance": guidance_control, "eta": eta_control,
-    "spacing": spacing_control, "seed": seed_control, "batch": batch_control,
+    "spacing": spacing_control, "seed": seed_control, "batch": batch_control, "speed": speed_control,
 }
 
 
@@ -248,6 +263,7 @@ def record_table(rec, quality: float | None, quality_label: str) -> str:
         ("wall time", f"{rec.wall_s * 1000:.0f} ms"),
         ("network / solver overhead", f"{rec.network_s * 1000:.0f} ms / {rec.overhead_s * 1000:.1f} ms"),
         ("seed / batch", f"{rec.seed} / {rec.batch}"),
+        ("speed options", str(getattr(rec, "speed", {}).get("label", "fp32"))),
         (quality_label, q),
     ]
     cells = "".join(f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>" for k, v in rows)
@@ -304,6 +320,7 @@ class SamplerPanel:
         self.figure = speed_quality_widget("wall time (s)" if x == "wall_s" else "NFE per sample", self.quality_label)
         self.history: list[PanelRun] = []
         self._syncing = False
+        self._speed_cache: dict = {}
         self._runner = LatestOnlyRunner(self._compute, self._show, self._show_error)
         for c in self.controls.values():
             c.observe(self._on_change, names="value")
@@ -324,6 +341,8 @@ class SamplerPanel:
 
     def _sample_kwargs(self, p: dict) -> tuple[Any, dict]:
         model = self.models[p.get("mode", next(iter(self.models)))]
+        if p.get("speed", "fp32") != "fp32":
+            model = self._accelerated(model, p["speed"])
         kw = {k: p[k] for k in ("sampler", "steps", "seed", "batch", "spacing") if k in p}
         kw.setdefault("batch", 16)
         spec = REGISTRY[kw.get("sampler", "dpmpp_2m")]
@@ -339,6 +358,15 @@ class SamplerPanel:
             if "guidance" in p:
                 kw["guidance"] = p["guidance"]
         return model, kw
+
+    def _accelerated(self, model, label: str):
+        """One accelerated copy per (model, speed label): preparing (or compiling) once, not every run."""
+        from .speed import SpeedOptions, accelerate
+
+        key = (id(model), label)
+        if key not in self._speed_cache:
+            self._speed_cache[key] = accelerate(model, SpeedOptions.from_label(label))
+        return self._speed_cache[key]
 
     def _sync_enabled(self) -> None:
         """Disable controls the current sampler/model cannot use (e.g. eta for a sampler without it)."""

@@ -288,3 +288,22 @@ class NaNBelow:
 def test_nan_mid_run_names_the_step(oracle, key):
     with pytest.raises(SamplingError, match=r"non-finite values \(NaN/inf\) after step \d+ of \d+ \(t=\d+"):
         sample(NaNBelow(oracle, 500), key, 10, batch=2)
+
+
+def test_speed_options_run_and_are_recorded():
+    from diffusers import UNet2DModel
+
+    from companion.models import DiffusionModel
+    from companion.speed import SpeedOptionError
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    model = DiffusionModel(unet)
+    eager = sample(model, "ddim", 3, seed=1, batch=2)
+    fast = sample(model, "ddim", 3, seed=1, batch=2, speed="fp32+channels_last")
+    assert eager.record.speed["label"] == "fp32" and fast.record.speed["channels_last"] is True
+    assert torch.allclose(eager.samples, fast.samples, atol=1e-5)  # memory layout does not change the numbers
+    if not torch.cuda.is_available():
+        with pytest.raises(SpeedOptionError, match="fp16"):
+            sample(model, "ddim", 3, batch=2, speed="fp16")

@@ -174,3 +174,17 @@ def test_default_quality_is_distance_to_a_converged_solution(tiny_model):
     p.controls["sampler"].value = "euler_a"  # stochastic: no ODE reference, no point on the curve
     assert p.wait(60)
     assert p.history[-1].quality is None and "stochastic" in p.record.value
+
+
+def test_speed_options_are_applied_and_recorded(tiny_model):
+    p = SamplerPanel(tiny_model, controls=("speed",), defaults={"sampler": "ddim", "steps": 2, "batch": 2}, quality=mean_abs)
+    assert "bf16" in p.controls["speed"].options  # the CPU offers bf16 autocast, not fp16
+    assert "fp16" not in p.controls["speed"].options
+    fp32 = p.history[-1].result
+    p.controls["speed"].value = "bf16"
+    assert p.wait(60)
+    bf16 = p.history[-1].result
+    assert bf16.record.speed["precision"] == "bf16" and fp32.record.speed["precision"] == "fp32"
+    assert "bf16" in p.record.value
+    rel = float((bf16.samples - fp32.samples).norm() / fp32.samples.norm())
+    assert 0 < rel < 0.05  # autocast changes the numbers a little, not the picture
