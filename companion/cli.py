@@ -199,16 +199,20 @@ def store_checked_outputs(nb, path: Path) -> None:
     """
     import nbformat
 
+    count = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
         cell.metadata.pop("execution", None)
         if CHECK_MARK in cell.source:
+            # nbval compares only cells that were run: a stored output needs an execution count
+            count += 1
+            cell.execution_count = count
             for out in cell.outputs:
                 if "execution_count" in out:
-                    out["execution_count"] = None
+                    out["execution_count"] = count
         else:
+            cell.execution_count = None
             cell.outputs = []
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)

@@ -22,7 +22,7 @@ def run_table(results: Mapping[str, object], baseline: str | None = None) -> pd.
         rec = res.record
         rows.append({
             "run": label,
-            "sampler": REGISTRY[rec.sampler].name,
+            "sampler": REGISTRY[rec.sampler].name if rec.sampler in REGISTRY else rec.sampler,
             "steps": rec.steps,
             "NFE": rec.nfe,
             "wall s": rec.wall_s,

@@ -258,7 +258,7 @@ def figure_html(fig: go.Figure) -> str:
 def record_table(rec, quality: float | None, quality_label: str) -> str:
     q = "n/a (stochastic sampler: no ODE reference)" if quality is None else f"{quality:.4f}"
     rows = [
-        ("sampler", f"{REGISTRY[rec.sampler].name} ({'stochastic' if rec.stochastic else 'deterministic'})"),
+        ("sampler", f"{REGISTRY[rec.sampler].name if rec.sampler in REGISTRY else rec.sampler} ({'stochastic' if rec.stochastic else 'deterministic'})"),
         ("steps / NFE per sample", f"{rec.steps} / {rec.nfe}"),
         ("wall time", f"{rec.wall_s * 1000:.0f} ms"),
         ("network / solver overhead", f"{rec.network_s * 1000:.0f} ms / {rec.overhead_s * 1000:.1f} ms"),

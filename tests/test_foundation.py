@@ -238,4 +238,5 @@ def test_store_checked_outputs_keeps_only_marked_cells(tmp_path):
     assert r.returncode == 0, r.stderr
     stored = nbformat.read(path, as_version=4)
     assert stored.cells[0].outputs[0]["text"] == "0.67\n"
+    assert stored.cells[0].execution_count == 1  # nbval only compares cells that were run
     assert stored.cells[1].outputs == [] and stored.cells[1].execution_count is None
