@@ -283,13 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the outputs of cells marked NBVAL_CHECK_OUTPUT back into the notebooks (all other outputs stripped)")
     s.set_defaults(func=cmd_run_notebooks)
 
-    for module in ("train", "bench"):
-        try:
-            mod = __import__(f"companion.{module}", fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
+    from . import bench, train
+
+    train.add_cli(sub)
+    bench.add_cli(sub)
     return p
 
 

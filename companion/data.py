@@ -327,6 +327,21 @@ class DataUnavailable(RuntimeError):
     """A data set that needs the network could not be fetched (offline, or a missing optional package)."""
 
 
+def hub_unavailable(timeout: float) -> str | None:
+    """None when the Hugging Face Hub can be used now, else why not (HF_HUB_OFFLINE, or no answer in ``timeout`` s).
+
+    The one check behind every optional download (data sets here, models in :func:`companion.models.load`), so
+    that offline they fail fast with a reason instead of hanging.
+    """
+    import os
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_reachable(constants.ENDPOINT, timeout)
+
+
 def _hub_reachable(endpoint: str, timeout: float) -> str | None:
     """None when ``endpoint`` answers within ``timeout`` seconds, else the reason it does not."""
     import urllib.request
@@ -348,8 +363,7 @@ def _hub_file(repo: str, filename: str, timeout: float) -> str:
     except Exception:
         pass
     url = f"{constants.ENDPOINT}/datasets/{repo}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    why = "HF_HUB_OFFLINE is set" if offline else _hub_reachable(constants.ENDPOINT, timeout)
+    why = hub_unavailable(timeout)
     if why:
         raise DataUnavailable(
             f"{repo}/{filename} is not in the Hugging Face cache and the Hub ({url}) is not reachable ({why}). "

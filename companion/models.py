@@ -339,7 +339,7 @@ def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S) -> DiffusionModel:
 
     from huggingface_hub import constants, snapshot_download
 
-    from .data import _hub_reachable
+    from .data import hub_unavailable
 
     patterns = ["*.json", "*.safetensors"]
     try:
@@ -347,8 +347,7 @@ def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S) -> DiffusionModel:
     except Exception:
         path = None
     if path is None or not _is_diffusers_folder(Path(path)):
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else _hub_reachable(constants.ENDPOINT, timeout)
+        why = hub_unavailable(timeout)
         if why:
             raise ModelError(
                 f"Hub model {repo_id!r} is not in the local Hugging Face cache and the Hub ({constants.ENDPOINT}) is not "
