@@ -6,7 +6,9 @@ from .device import generator, pick_device, randn
 from .models import DiffusionModel, ModelError, load
 from .samplers import glossary
 from .sampling import sample
+from .widgets import ComparePanel, SweepView
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffusionModel", "ModelError", "generator", "glossary", "load", "pick_device", "randn", "sample", "__version__"]
+__all__ = ["ComparePanel", "DiffusionModel", "ModelError", "SweepView", "generator", "glossary", "load", "pick_device", "randn", "sample",
+           "__version__"]
