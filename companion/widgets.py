@@ -229,6 +229,7 @@ class RefDistance:
 # ------------------------------------------------------------------------------------------ figure
 
 MARK_COLORS = {"current": "black", "A": "#b2182b", "B": "#2166ac"}
+MARK_TEXT_POSITIONS = {"A": "top left", "B": "top right"}  # A and B often sit close together: labels on either side
 
 
 def speed_quality_widget(x_title: str, y_title: str, marks: Iterable[str] = ("current",)) -> go.FigureWidget:
@@ -245,7 +246,7 @@ def speed_quality_widget(x_title: str, y_title: str, marks: Iterable[str] = ("cu
             fig.add_scatter(x=[], y=[], mode="markers", name=name, marker=ring, hoverinfo="skip")
         else:
             fig.add_scatter(x=[], y=[], text=[], mode="markers+text", name=name, marker=ring, hoverinfo="skip",
-                            textposition="top center", textfont=dict(size=16, color=ring["color"]))
+                            textposition=MARK_TEXT_POSITIONS.get(name, "top center"), textfont=dict(size=16, color=ring["color"]))
     return fig
 
 
@@ -811,6 +812,7 @@ class SweepView:
     finished runs; Stop ends the sweep after the current run and keeps what finished; Resume runs the rest
     (finished runs come back from the cache at once). Runs without a ``y`` value (e.g. the ODE distance of a
     stochastic sampler) appear in the table but not on the curve. ``start=False`` builds the view idle.
+    A notebook run headless shows the runs finished when the cell ends: call :meth:`wait` first for all of them.
     """
 
     def __init__(self, model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
@@ -851,6 +853,7 @@ class SweepView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state = "idle"
+        self._state_lock = threading.Lock()  # Stop (kernel thread) and the sweep's end (worker) must not cross
 
         self.figure = speed_quality_widget(AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y))
         if x in ("wall_s", "network_s", "flops_per_sample"):
@@ -872,8 +875,8 @@ class SweepView:
 
     # -- control
     def start(self) -> None:
-        """Start (or resume) the sweep on a background thread; does nothing while it is running."""
-        if self.running:
+        """Start (or resume) the sweep on a background thread; does nothing while it runs or once every run finished."""
+        if self.running or self.done >= self.total:
             return
         self._stop.clear()
         self.error.value = ""
@@ -885,11 +888,13 @@ class SweepView:
 
     def stop(self) -> None:
         """Stop after the run in progress; what finished stays on the curve and in the table."""
-        if self.running:
+        with self._state_lock:
+            if not self.running or self._state != "running":
+                return
             self._stop.set()
             self._state = "stopping"
-            self.stop_button.disabled = True
-            self._show_status()
+        self.stop_button.disabled = True
+        self._show_status()
 
     @property
     def running(self) -> bool:
@@ -922,9 +927,11 @@ class SweepView:
                     break
         except Exception as e:  # shown in the view; what finished stays
             self.error.value = error_html(e, "The sweep stopped at an error")
-            self._state = "failed"
+            with self._state_lock:
+                self._state = "failed"
         else:
-            self._state = "stopped" if self._stop.is_set() and self.done < self.total else "finished"
+            with self._state_lock:
+                self._state = "stopped" if self._stop.is_set() and self.done < self.total else "finished"
         finally:
             rows.close()
             self.stop_button.disabled = True

@@ -1,7 +1,7 @@
 """SweepView driven programmatically: a tiny bench sweep on an exact-score mixture, one point per finished run."""
 from __future__ import annotations
 
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -13,13 +13,14 @@ from companion.widgets import SweepView, series_points
 TINY = dict(n_samples=4, n_ode=4, metrics=("ode_distance",))
 
 
-def slow_mixture(seconds_per_eval: float = 0.03):
-    """The toy mixture with a network-like cost per evaluation, so a run lasts long enough to press Stop during it."""
+def gated_mixture(gate: threading.Event):
+    """The toy mixture whose evaluations wait for ``gate``: a run is surely in progress until the test opens it."""
     model = oracle.toy_mixture()
     exact = model.predict_noise
 
     def predict_noise(x, t, class_labels=None, cond=None):
-        time.sleep(seconds_per_eval)
+        if not gate.wait(30):
+            raise TimeoutError("the test never opened the gate")
         return exact(x, t, class_labels=class_labels, cond=cond)
 
     model.predict_noise = predict_noise
@@ -63,10 +64,12 @@ def test_error_bars_come_from_the_bootstrap_interval(tmp_path):
 
 
 def test_stop_ends_after_the_current_run_keeps_it_and_resume_runs_the_rest(tmp_path):
-    view = SweepView(slow_mixture(), ["ddim"], [4, 6, 8], cache_dir=tmp_path, **TINY)
+    gate = threading.Event()
+    view = SweepView(gated_mixture(gate), ["ddim"], [4, 6, 8], cache_dir=tmp_path, **TINY)
     assert view.running and not view.stop_button.disabled
-    view.stop_button.click()  # pressed during the first run (4 evaluations of 30 ms): that run still finishes
+    view.stop_button.click()  # pressed while the first run waits at its first network evaluation
     assert "stopping after the current run" in view.status.value
+    gate.set()  # the run in progress finishes; no further run starts
     assert view.wait(60)
     assert view.done == 1 and series_points(view.figure) == 1
     assert view.progress.value == 1 < view.progress.max == 3
