@@ -34,6 +34,9 @@ TRAIN_SCHEDULE = {
 }
 
 
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
 class ModelError(RuntimeError):
     """A model could not be found, loaded, or used the way it was asked to be used."""
 
@@ -53,6 +56,10 @@ class DiffusionModel(torch.nn.Module):
     vae: optional autoencoder (diffusers ``AutoencoderKL``/``VQModel``) for latent models.
     latent_mean, latent_std: per-channel latent standardisation (latent = (vae_latent - mean) / std).
     cond_shape: (C, H, W) of the low-resolution conditioning image of a super-resolution stage, else ``None``.
+    prediction: what the network outputs: ``"epsilon"`` (the noise) or ``"v_prediction"`` (v = alpha eps -
+        sigma_vp x0, used by distilled few-step students: eps-prediction is ill-conditioned for x0 at the
+        noisiest step, where alpha ~ 0.006). :meth:`predict_noise` always returns eps, so samplers see one
+        interface.
     card: the asset card (manifest entry) the model was loaded with.
     """
 
@@ -71,9 +78,13 @@ class DiffusionModel(torch.nn.Module):
         latent_mean: torch.Tensor | list | None = None,
         latent_std: torch.Tensor | list | None = None,
         cond_shape: tuple[int, int, int] | None = None,
+        prediction: str = "epsilon",
         card: dict | None = None,
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ModelError(f"unknown network prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.name = name
         self.unet = unet
         self.scheduler_config = dict(scheduler_config or TRAIN_SCHEDULE)
@@ -138,6 +149,7 @@ class DiffusionModel(torch.nn.Module):
         ``t`` is a training timestep (int or float, scalar or shape (B,)); ``class_labels`` (B,) ints,
         where ``num_classes`` means "no class"; ``cond`` the low-resolution image for a super-resolution stage.
         """
+        x_t = x
         if self.cond_shape is not None:
             if cond is None:
                 raise ModelError(f"model {self.name!r} is a super-resolution stage: pass cond=<low-resolution images {self.cond_shape}>")
@@ -157,7 +169,28 @@ class DiffusionModel(torch.nn.Module):
         elif class_labels is not None:
             raise ModelError(f"model {self.name!r} is unconditional; it takes no class labels")
         out = self.unet(x, t, **kwargs)
-        return out.sample if hasattr(out, "sample") else out
+        out = out.sample if hasattr(out, "sample") else out
+        if self.prediction == "v_prediction":
+            alpha, sigma = self.alpha_sigma(t, x_t)
+            out = sigma * x_t + alpha * out  # eps = sigma_vp x_t + alpha v
+        return out
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) at (fractional) timesteps ``t`` (B,), shaped to broadcast over ``like``.
+
+        Fractional timesteps use diffusers' log-sigma interpolation (the inverse of ``_sigma_to_t``), so the
+        value matches the noise level a Karras/Euler scheduler actually put into ``x_t``.
+        """
+        from .oracle import SigmaMap
+
+        smap = getattr(self, "_sigma_map", None)
+        if smap is None:
+            smap = self._sigma_map = SigmaMap(self.scheduler_config)
+        s = smap.sigma(t.detach().to("cpu", torch.float64)).to(like.device)
+        alpha = (1.0 / torch.sqrt(1.0 + s**2)).to(like.dtype)
+        sig = (s / torch.sqrt(1.0 + s**2)).to(like.dtype)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return alpha.view(shape), sig.view(shape)
 
     def upsample_cond(self, cond: torch.Tensor) -> torch.Tensor:
         return F.interpolate(cond, size=self.sample_shape[-2:], mode="bilinear", align_corners=False)
@@ -181,11 +214,18 @@ class DiffusionModel(torch.nn.Module):
         return self.vae.decode(z).sample
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | Path, card: dict | None = None) -> dict:
-        """Write the model in diffusers layout (safetensors) plus its card; returns the card."""
+    def save(self, folder: str | Path, card: dict | None = None, *, weights_dtype: torch.dtype | None = None) -> dict:
+        """Write the model in diffusers layout (safetensors) plus its card; returns the card.
+
+        ``weights_dtype=torch.float16`` stores the network's weights in half precision (half the size on disk;
+        they are loaded back as float32).
+        """
+        import copy
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        unet = self.unet if weights_dtype is None else torch.nn.Module.to(copy.deepcopy(self.unet), weights_dtype)
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae", safe_serialization=True)
         sched = folder / "scheduler"
@@ -201,6 +241,8 @@ class DiffusionModel(torch.nn.Module):
             "latent_mean": self.latent_mean.flatten().tolist() if self.vae is not None else None,
             "latent_std": self.latent_std.flatten().tolist() if self.vae is not None else None,
             "unet_class": type(self.unet).__name__,
+            "prediction": self.prediction,
+            "weights_dtype": str(weights_dtype or torch.float32).replace("torch.", ""),
             "vae_class": type(self.vae).__name__ if self.vae is not None else None,
         }
         merged = dict(self.card, **(card or {}), **base)
@@ -227,7 +269,7 @@ class DiffusionModel(torch.nn.Module):
         model = cls(
             unet, sched, name=card.get("name", folder.name), sample_shape=card["sample_shape"], image_shape=card.get("image_shape"),
             num_classes=card.get("num_classes"), vae=vae, latent_mean=card.get("latent_mean"), latent_std=card.get("latent_std"),
-            cond_shape=card.get("cond_shape"), card=card,
+            cond_shape=card.get("cond_shape"), prediction=card.get("prediction", "epsilon"), card=card,
         )
         model._sha256 = assets.folder_sha256(folder)
         return model
@@ -240,9 +282,13 @@ def _from_pretrained(klass, folder: Path):
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} has no .safetensors weights (pickle checkpoints are never loaded)")
     try:
-        return klass.from_pretrained(folder, use_safetensors=True).eval()
+        net = klass.from_pretrained(folder, use_safetensors=True).eval()
     except Exception as e:  # diffusers raises a variety of types for bad files
         raise ModelError(f"could not load {klass.__name__} from {folder}: {e}") from e
+    if any(p.dtype != torch.float32 for p in net.parameters()):
+        # float32 whatever the stored precision: samplers and metrics assume it (speed options convert later)
+        net = net.float()
+    return net
 
 
 def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Module:

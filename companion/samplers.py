@@ -32,6 +32,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -157,6 +158,7 @@ class SamplerSpec:
     has_eta: bool = False
     note: str = ""
     min_steps: int = 1
+    spacing_default: str | None = None  # for schedulers whose timestep placement is not a timestep_spacing option
 
     def expected_nfe(self, steps: int) -> int:
         """Network evaluations per sample for ``steps`` steps (without guidance)."""
@@ -171,6 +173,8 @@ class SamplerSpec:
     @property
     def default_spacing(self) -> str:
         """The scheduler's own default (what diffusers' pipelines use when nothing is said)."""
+        if self.spacing_default is not None:
+            return self.spacing_default
         param = inspect.signature(self.scheduler.__init__).parameters.get("timestep_spacing")
         return param.default if param is not None else "linspace"
 
@@ -246,6 +250,13 @@ _SPECS = [
     _spec(key="unipc_3", name="UniPC (bh2, order 3 + corrector)", paper="Zhao et al., UniPC", arxiv="2302.04867",
           scheduler=UniPCMultistepScheduler, overrides=dict(solver_order=3, solver_type="bh2", **_MULTI),
           order=4, note="order = solver order + 1"),
+    _spec(key="lcm", name="LCM (multistep consistency sampling)", paper="Luo et al., Latent Consistency Models; Song et al., Consistency Models",
+          arxiv="2310.04378", scheduler=LCMScheduler, a1111="LCM", comfyui="lcm", stochastic=True,
+          spacings=("trailing",), spacing_default="trailing",
+          note="for consistency-distilled students: each step maps x_t straight to a clean estimate, then re-noises "
+               "it with fresh noise to the next timestep (deterministic at 1 step); timesteps come from LCM's "
+               "skipping-step grid 999, 979, ..., 19, picked evenly (close to trailing spacing); on an ordinary "
+               "noise-prediction model it is a poor sampler"),
     _spec(key="deis", name="DEIS (3rd-order multistep)", paper="Zhang & Chen, Fast Sampling of Diffusion Models with Exponential Integrator",
           arxiv="2204.13902", scheduler=DEISMultistepScheduler, overrides=dict(solver_order=3, **_MULTI),
           comfyui="deis", order=3),
@@ -283,6 +294,8 @@ def spacing_options(spec: SamplerSpec, spacing: str | None) -> tuple[str, dict]:
         return spacing, {"use_exponential_sigmas": True}
     if spec.scheduler is DPMSolverSinglestepScheduler:
         return spacing, {}  # linspace is its only timestep placement
+    if spec.scheduler is LCMScheduler:
+        return spacing, {}  # its own skipping-step grid (see the registry note)
     return spacing, {"timestep_spacing": spacing}
 
 

@@ -6,8 +6,12 @@ with a progress bar (loss, it/s, ETA), an exponential moving average (EMA) of th
 are what is saved), fixed seeds and resumable checkpoints, then writes the model in diffusers layout with
 its card: recipe, config, seed, steps, training seconds, final loss and measured quality.
 
-Every diffusion model is trained with the *linear* schedule :data:`companion.models.TRAIN_SCHEDULE`
-(epsilon prediction): the cosine schedule makes eight diffusers samplers return pure noise.
+Every diffusion model is trained with the *linear* schedule :data:`companion.models.TRAIN_SCHEDULE`: the
+cosine schedule makes eight diffusers samplers return pure noise. The digits and latent models predict the
+noise (eps); the pixel-space shapes models predict v = alpha eps - sigma x0 (``prediction="v_prediction"``):
+their images have little variance (std 0.36), and at t ~ 900-999 an eps-network's x0 estimate
+(x - sigma eps)/alpha multiplies its error by up to 157, which sent eps-trained versions out of range
+(52 % of pixels after 4800 steps) where a v-trained one stays in range after 1000.
 
 Checkpoints live beside the output folder in ``<out>.checkpoint/``: network, EMA and optimizer tensors
 in safetensors, the step counter, random-generator state and loss history in JSON/safetensors. Nothing is
@@ -18,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -34,8 +39,10 @@ from .models import TRAIN_SCHEDULE, DiffusionModel, ModelError
 CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINT_EVERY_S = 60.0
 # On a CPU shared by several processes, one thread per trainer is several times faster than two
-# (measured here: 0.5-1.1 s vs 11 s per step for the digits UNet while other jobs ran).
-TRAIN_THREADS = 1
+# (measured here: 0.5-1.1 s vs 11 s per step for the digits UNet while other jobs ran). On an idle
+# machine use all cores: `companion train NAME --threads 2` (or $COMPANION_TRAIN_THREADS) was 1.8x faster
+# per step than one thread for digits-cond on the 2-core CPU.
+TRAIN_THREADS = int(os.environ.get("COMPANION_TRAIN_THREADS", "1"))
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ RECIPES: dict[str, Recipe] = {
             "pixel",
             dict(data="digits", size=16, num_classes=10, class_dropout=0.12, batch=64, lr=5e-4, ema=0.999, warmup=100,
                  unet=_unet(16, 1, 1, (32, 64, 64), num_classes=10)),
-            steps=1200, seed=0,
+            steps=4500, seed=0,
         ),
         Recipe(
             "digits-noisy-clf",
@@ -99,35 +106,42 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "shapes-pixel",
-            "pixel-space UNet on 32x32 shapes: the baseline shapes-latent is compared with",
+            "pixel-space UNet on 32x32 shapes (v-prediction): the baseline shapes-latent is compared with",
             "pixel",
             dict(data="shapes", size=32, batch=16, lr=1e-3, ema=0.999, warmup=100, hflip=True,
-                 high_t={"fraction": 0.5, "min": 400},
+                 prediction="v_prediction", high_t={"fraction": 0.5, "min": 400},
                  unet=_unet(32, 3, 3, (32, 64, 64), layers=1, attn=(False, False, True))),
-            steps=700, seed=0,
+            steps=3000, seed=0,
         ),
         Recipe(
             "shapes-base16",
-            "low-resolution base UNet on 16x16 shapes (2x2 average-pooled 32x32 images): stage 1 of the cascade",
+            "low-resolution base UNet on 16x16 shapes (2x2 average-pooled 32x32 images, v-prediction): stage 1 of the cascade",
             "pixel",
             dict(data="shapes", size=16, batch=32, lr=1e-3, ema=0.999, warmup=100, hflip=True,
-                 high_t={"fraction": 0.5, "min": 400},
+                 prediction="v_prediction", high_t={"fraction": 0.5, "min": 400},
                  unet=_unet(16, 3, 3, (32, 64, 64), layers=1, attn=(False, False, True))),
-            steps=700, seed=0,
+            steps=3000, seed=0,
         ),
         Recipe(
             "shapes-sr32",
-            "super-resolution stage 16->32 on shapes: UNet on [x_t, bilinear-upsampled low-res] (6 channels)",
+            "super-resolution stage 16->32 on shapes: UNet on [x_t, bilinear-upsampled low-res] (6 channels, v-prediction)",
             "sr",
-            dict(data="shapes", size=32, low_size=16, batch=16, lr=5e-4, ema=0.999, warmup=100, hflip=True, cond_noise=0.05,
+            dict(data="shapes", size=32, low_size=16, batch=16, lr=5e-4, ema=0.999, warmup=100, hflip=True, cond_noise=0.05, prediction="v_prediction",
                  unet=_unet(32, 6, 3, (32, 64, 64), layers=1, attn=(False, False, False))),
-            steps=500, seed=0,
+            steps=3000, seed=0,
         ),
     ]
 }
 
 
+def all_recipes() -> dict[str, Recipe]:
+    """Every recipe by name, the distillation students included."""
+    _with_distillation()
+    return dict(RECIPES)
+
+
 def recipe(name: str) -> Recipe:
+    _with_distillation()
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
@@ -178,6 +192,10 @@ class _Task:
     def save(self, ema: torch.nn.Module, out: Path, card: dict) -> dict:
         raise NotImplementedError
 
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules besides the network and its EMA whose state a checkpoint must keep (e.g. a target network)."""
+        return {}
+
 
 class _DiffusionTask(_Task):
     def build(self):
@@ -203,7 +221,11 @@ class _DiffusionTask(_Task):
         if cond is not None:
             x_t = torch.cat([x_t, F.interpolate(cond, size=x_t.shape[-2:], mode="bilinear", align_corners=False)], 1)
         kwargs = {"class_labels": labels} if labels is not None else {}
-        return F.mse_loss(self.net(x_t, t, **kwargs).sample, noise)
+        target = noise
+        if self.cfg.get("prediction") == "v_prediction":
+            abar = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v = alpha eps - sigma x0
+        return F.mse_loss(self.net(x_t, t, **kwargs).sample, target)
 
     def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Uniform training timesteps, or (``high_t``) a share of them drawn from the noisiest range.
@@ -223,7 +245,8 @@ class _DiffusionTask(_Task):
     def model(self, unet) -> DiffusionModel:
         c = self.cfg
         shape = (c["unet"]["out_channels"], c["size"], c["size"])
-        return DiffusionModel(unet, TRAIN_SCHEDULE, name=self.rec.name, sample_shape=shape, num_classes=c.get("num_classes"))
+        return DiffusionModel(unet, TRAIN_SCHEDULE, name=self.rec.name, sample_shape=shape, num_classes=c.get("num_classes"),
+                              prediction=c.get("prediction", "epsilon"))
 
     def save(self, ema, out, card):
         return self.model(ema).save(out, card)
@@ -241,7 +264,8 @@ class _SRTask(_DiffusionTask):
     def model(self, unet):
         c = self.cfg
         low = (3, c["low_size"], c["low_size"])
-        return DiffusionModel(unet, TRAIN_SCHEDULE, name=self.rec.name, sample_shape=(3, c["size"], c["size"]), cond_shape=low)
+        return DiffusionModel(unet, TRAIN_SCHEDULE, name=self.rec.name, sample_shape=(3, c["size"], c["size"]), cond_shape=low,
+                              prediction=c.get("prediction", "epsilon"))
 
 
 class _LatentTask(_DiffusionTask):
@@ -270,7 +294,7 @@ class _LatentTask(_DiffusionTask):
     def model(self, unet):
         return DiffusionModel(unet, TRAIN_SCHEDULE, name=self.rec.name, sample_shape=tuple(self.z.shape[1:]),
                               image_shape=(3, self.cfg["size"], self.cfg["size"]), vae=self.vae,
-                              latent_mean=self.mean, latent_std=self.std)
+                              latent_mean=self.mean, latent_std=self.std, prediction=self.cfg.get("prediction", "epsilon"))
 
 
 AUTOENCODER_KIND = "autoencoder"
@@ -323,12 +347,14 @@ _TASKS: dict[str, type[_Task]] = {"pixel": _DiffusionTask, "sr": _SRTask, "laten
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints (safetensors + JSON, never pickle)
 # ---------------------------------------------------------------------------------------------------------
-def _save_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, state: dict) -> None:
+def _save_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, state: dict, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for name, module in (extra or {}).items():
+        tensors.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for key, val in st.items():
@@ -341,13 +367,16 @@ def _save_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, state: dic
     (folder / "state.json.tmp").replace(folder / "state.json")
 
 
-def _load_checkpoint(folder: Path, net, ema, opt, g: torch.Generator) -> dict:
+def _load_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, extra: dict | None = None) -> dict:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "state.safetensors"))
     meta = json.loads((folder / "state.json").read_text())
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for name, module in (extra or {}).items():
+        prefix = f"extra.{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -377,12 +406,13 @@ def default_out(name: str) -> Path:
 
 def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = None, resume: bool = False,
                seed: int | None = None, progress: bool = True, config: dict | None = None,
-               measure: bool = True) -> Path:
+               measure: bool = True, threads: int | None = None) -> Path:
     """Train recipe ``name`` and write the model (EMA weights + card) to ``out`` (default ``assets/models/<name>``).
 
     ``steps``/``seed`` override the recipe's defaults; ``config`` overrides top-level config entries (e.g. a
     tiny network for tests); ``resume`` continues from ``<out>.checkpoint/``. ``measure`` runs the recipe's
-    quality measurement and records it in the card. Returns the output folder.
+    quality measurement and records it in the card. ``threads`` is the number of CPU threads torch
+    uses (default :data:`TRAIN_THREADS`). Returns the output folder.
     """
     rec = recipe(name)
     steps = rec.steps if steps is None else int(steps)
@@ -393,12 +423,15 @@ def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = 
     out = Path(out) if out is not None else default_out(name)
     ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    n_threads = TRAIN_THREADS if threads is None else int(threads)
+    if n_threads < 1:
+        raise ValueError(f"threads must be >= 1, got {n_threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
     try:
         return _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure) -> Path:
@@ -414,7 +447,7 @@ def _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure) -> P
     if resume:
         if not (ckpt / "state.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume from in {ckpt}; run without --resume first")
-        state = _load_checkpoint(ckpt, net, ema, opt, g)
+        state = _load_checkpoint(ckpt, net, ema, opt, g, task.checkpoint_modules())
         if state["seed"] != seed:
             raise ValueError(f"checkpoint {ckpt} was trained with seed {state['seed']}, not {seed}")
     losses: list[float] = state["losses"]
@@ -440,7 +473,7 @@ def _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure) -> P
         if state["step"] % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S or state["step"] == steps:
-            _save_checkpoint(ckpt, net, ema, opt, g, state)
+            _save_checkpoint(ckpt, net, ema, opt, g, state, task.checkpoint_modules())
             last_ckpt = time.perf_counter()
     bar.close()
 
@@ -459,7 +492,7 @@ def _run(rec, name, steps, seed, cfg, out, ckpt, resume, progress, measure) -> P
     }
     task.save(ema, out, card)
     if measure and rec.name in QUALITY:
-        measure_quality(out, rec.name, progress=progress)
+        measure_quality(out, rec.name, progress=progress, threads=torch.get_num_threads())
     return out
 
 
@@ -632,22 +665,24 @@ QUALITY: dict[str, Callable] = {
 }
 
 
-def measure_quality(folder: str | Path, recipe_name: str | None = None, *, progress: bool = False) -> dict:
+def measure_quality(folder: str | Path, recipe_name: str | None = None, *, progress: bool = False,
+                    threads: int | None = None) -> dict:
     """Measure a trained model's quality with its recipe's measurement and record it in its card."""
     from .models import load
 
+    _with_distillation()
     folder = Path(folder)
     card = assets.verify(folder)
     name = recipe_name or card.get("recipe")
     if name not in QUALITY:
         raise KeyError(f"no quality measurement for {name!r}; valid: {', '.join(QUALITY)}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS if threads is None else int(threads))
     t0 = time.perf_counter()
     try:
         quality = QUALITY[name](load(folder, device="cpu"), progress)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     quality["measure_seconds"] = round(time.perf_counter() - t0, 1)
     card = dict(card, quality=quality)
     card.pop("files", None)
@@ -669,6 +704,8 @@ def add_cli(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p.add_argument("--out", default=None, help="output folder (default: assets/models/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint/")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for torch (default {TRAIN_THREADS}; $COMPANION_TRAIN_THREADS); use all cores on an idle machine")
     p.add_argument("--no-measure", action="store_true", help="skip the quality measurement")
     p.set_defaults(func=cli_train)
     return p
@@ -677,20 +714,65 @@ def add_cli(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
 def cli_train(args) -> int:
     import sys
 
+    _with_distillation()
     if args.list or not args.name:
         for r in RECIPES.values():
             print(f"{r.name:18s} {r.steps:6d} steps  {r.description}")
+        for g, members in GROUPS.items():
+            print(f"{g:18s} {'group':>6s}        runs {', '.join(members)} in order")
         return 0 if args.list else 2
-    if args.name not in RECIPES:
-        print(f"unknown recipe {args.name!r}; valid recipes: {', '.join(RECIPES)}", file=sys.stderr)
+    if args.name not in RECIPES and args.name not in GROUPS:
+        print(f"unknown recipe {args.name!r}; valid recipes: {', '.join([*RECIPES, *GROUPS])}", file=sys.stderr)
         return 2
     try:
-        out = run_recipe(args.name, steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
-                         measure=not args.no_measure)
+        if args.name in GROUPS:
+            outs = run_group(args.name, steps=args.steps, out_dir=args.out, resume=args.resume, seed=args.seed,
+                             measure=not args.no_measure, threads=args.threads)
+        else:
+            outs = [run_recipe(args.name, steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
+                               measure=not args.no_measure, threads=args.threads)]
     except (FileNotFoundError, ValueError, ModelError, assets.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    card = assets.read_card(out)
-    print(json.dumps({k: card.get(k) for k in ("recipe", "training_steps", "training_seconds", "final_loss", "quality")}, indent=2))
-    print(f"saved to {out}")
+    for out in outs:
+        card = assets.read_card(out)
+        print(json.dumps({k: card.get(k) for k in ("recipe", "training_steps", "training_seconds", "final_loss", "quality")}, indent=2))
+        print(f"saved to {out}")
     return 0
+
+
+def run_group(group: str, *, out_dir: str | Path | None = None, config: dict | None = None, **kwargs) -> list[Path]:
+    """Run the recipes of ``group`` in order (e.g. ``digits-pd``: every progressive-distillation stage).
+
+    With ``out_dir`` each member goes to ``out_dir/NAME`` and a member whose recipe names the previous
+    member as its teacher learns from that output instead of the bundled one. Other keyword arguments go
+    to :func:`run_recipe` for every member (``steps`` is per member). A finished member is trained again
+    unless ``resume=True`` finds its checkpoint complete.
+    """
+    _with_distillation()
+    if group not in GROUPS:
+        raise KeyError(f"unknown recipe group {group!r}; valid: {', '.join(GROUPS)}")
+    outs: list[Path] = []
+    for name in GROUPS[group]:
+        cfg = dict(config or {})
+        out = None
+        if out_dir is not None:
+            out = Path(out_dir) / name
+            teacher = RECIPES[name].config.get("teacher")
+            if outs and teacher == outs[-1].name:
+                cfg["teacher"] = str(outs[-1])
+        outs.append(run_recipe(name, out=out, config=cfg, **kwargs))
+    return outs
+
+
+
+# Recipe groups: one command that runs several recipes in order (companion.distill adds "digits-pd").
+GROUPS: dict[str, list[str]] = {}
+
+
+def _with_distillation() -> None:
+    """Register the distillation recipes, tasks and measurements of :mod:`companion.distill`.
+
+    That module builds on the classes here, so it is imported when recipes are looked up, not at import time.
+    """
+    from . import distill  # noqa: F401  (registers itself into RECIPES, _TASKS, QUALITY, GROUPS)

@@ -66,18 +66,21 @@ class LatestOnlyRunner:
     def request(self, req: Any) -> None:
         with self._cond:
             self._queued, self._has_queued = req, True
-            if not self._busy:
-                self._busy = True
+            self._busy = True
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="companion-panel-runner")
                 self._thread.start()
+            self._cond.notify_all()
 
     def _loop(self) -> None:
+        # One long-lived worker per panel: a slider move reuses this thread (and the OpenMP team torch built
+        # for it) instead of starting a new thread for every run.
         while True:
             with self._cond:
-                if not self._has_queued:
+                while not self._has_queued:
                     self._busy = False
                     self._cond.notify_all()
-                    return
+                    self._cond.wait()
                 req, self._queued, self._has_queued = self._queued, None, False
                 self.runs += 1
             try:

@@ -13,19 +13,8 @@ from companion import assets, data, models, train
 from companion.models import TRAIN_SCHEDULE, DiffusionModel, ModelError
 from companion.nets import NoisyClassifier
 
-SHIPPED = {name: r for name, r in train.RECIPES.items()}
-# Bundled models whose recipe, within the 15-minute budget on the shared 2-core CPU, does not yet give
-# images in range (their cards record out_of_range_fraction). strict: retraining them to quality makes
-# these tests pass, and then the mark must go.
-UNDERTRAINED = {
-    "shapes-pixel": "3x32x32 pixel UNet after 700 steps of batch 16: most pixels out of range (card: out_of_range_fraction)",
-    "shapes-base16": "3x16x16 pixel UNet after 700 steps of batch 32: many pixels out of range (card: out_of_range_fraction)",
-    "shapes-sr32": "16->32 stage after 500 steps of batch 16: outputs do not match the low-resolution input (card: psnr_db)",
-}
-DIFFUSION = [
-    pytest.param(n, marks=pytest.mark.xfail(reason=UNDERTRAINED[n], strict=True)) if n in UNDERTRAINED else n
-    for n, r in SHIPPED.items() if r.kind in ("pixel", "latent", "sr")
-]
+SHIPPED = train.all_recipes()
+DIFFUSION = [n for n, r in SHIPPED.items() if r.kind in ("pixel", "latent", "sr")]
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import LMSDiscreteScheduler, UNet2DModel
 
-from companion import assets
+from companion import assets, distill
 from companion import oracle as O
 from companion import samplers as S
+from companion.data import shapes
 from companion.models import TRAIN_SCHEDULE, DiffusionModel
 from companion.sampling import sample
 
@@ -48,7 +50,10 @@ def unet_model():
 
 
 def bundled_diffusion_models():
-    return [name for name, card in assets.manifest().items() if card.get("kind") == "diffusion"]
+    """Every bundled diffusion model; of the distilled students (one network, one v-parameterisation, seven
+    checkpoints) only the 4-step progressive one, so the CI budget holds."""
+    return [name for name, card in assets.manifest().items()
+            if card.get("kind") == "diffusion" and (not card.get("distillation") or name == "digits-pd-4")]
 
 
 class CountingModel:
@@ -143,7 +148,10 @@ def test_every_sampler_and_spacing_on_the_oracle_gives_correct_samples(oracle, k
     assert d.median() < 0.2, f"{key}/{spacing}: median sample lies {d.median():.3f} (RMS) from every component"
 
 
-@pytest.mark.parametrize("key", [k for k, s in S.REGISTRY.items() if s.stochastic])
+# LCM is stochastic but not an ancestral sampler of the model's marginals: each step returns the model's clean
+# estimate (a posterior mean on an ordinary model) and re-noises it, so its output is an x0 estimate at the last
+# timestep, not a sample; it is for consistency-distilled students (tests/test_distill.py).
+@pytest.mark.parametrize("key", [k for k, s in S.REGISTRY.items() if s.stochastic and k != "lcm"])
 def test_stochastic_samplers_reproduce_the_data_spread_with_many_steps(oracle, key):
     exact = oracle.sample_data(64, seed=1).reshape(64, -1).double()
     spread = torch.cdist(exact, oracle.means).min(1).values.median() / 4.0  # ~0.05: the components' width
@@ -170,16 +178,36 @@ def test_every_sampler_and_spacing_on_bundled_models_stays_bounded(name):
 
     model = load(name, device="cpu")
     labels = torch.arange(2) % model.num_classes if model.conditional else None
-    cond = torch.zeros((2, *model.cond_shape)) if model.cond_shape else None
+    # a super-resolution stage gets real low-resolution images (flat zeros would make every image nearly constant)
+    cond = F.avg_pool2d(shapes("test", 32)[0][:2], 2) if model.cond_shape else None
     q = lambda im: float(torch.quantile(im.abs().flatten(), 0.99))  # noqa: E731
-    base = q(sample(model, "ddim", 50, batch=2, class_labels=labels, cond=cond).images)
+    # the model's own range: 50 DDIM steps, or for a distilled student the sampler and steps it was trained for
+    own = distill.student_sampling(model) if model.card.get("distillation") else dict(sampler="ddim", steps=50)
+    base = q(sample(model, **own, batch=2, class_labels=labels, cond=cond).images)
     if base > 1.5:
         pytest.skip(f"{name}: even 50-step DDIM leaves its 99th percentile |x| at {base:.2f} (model not trained enough "
                     "to judge samplers on; finite-output checks run on the oracle and the tiny UNet)")
     for key, spacing in COMBOS:  # 6 steps: 80 combinations x 3 models must fit the CI budget
         res = sample(model, key, 6, spacing=spacing, batch=2, class_labels=labels, cond=cond)
         assert torch.isfinite(res.images).all(), (name, key, spacing)
+        if key == "dpm2_a":
+            # DPM2 ancestral leaves excess noise at few steps (measured: up to 3x the DDIM-50 level on shapes-pixel
+            # at 6 steps); that is the sampler, checked to shrink with steps in the next test. Here: no divergence.
+            assert q(res.images) <= 10 * max(1.0, base), (name, key, spacing, q(res.images), base)
+            continue
         assert q(res.images) <= max(1.2, 3 * base), (name, key, spacing, q(res.images), base)
+
+
+def test_dpm2_ancestral_excess_noise_shrinks_with_steps():
+    """DPM2 ancestral on shapes-pixel: at 6 steps its samples overshoot DDIM-50's range; with more steps the
+    excess shrinks towards it (first-order noise injection beside a second-order drift)."""
+    from companion.models import load
+
+    model = load("shapes-pixel", device="cpu")
+    q = lambda im: float(torch.quantile(im.abs().flatten(), 0.99))  # noqa: E731
+    base = q(sample(model, "ddim", 50, batch=8, seed=1).images)
+    few, many = (q(sample(model, "dpm2_a", n, batch=8, seed=1).images) for n in (6, 50))
+    assert few > many and many < 1.5 * base, (few, many, base)
 
 
 # --------------------------------------------------------------------------------------------- NFE accounting

@@ -92,6 +92,32 @@ def test_autoencoder_and_latent_recipes_chain(tmp_path):
     assert lat.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
 
 
+def test_v_prediction_recipe_learns_v_and_samples_through_eps(tmp_path):
+    """The same shortened recipe trained for eps and for v: each network's raw output moves towards its own
+    target (measured on real images noised to t = 600), the v model says so in its card, and its predict_noise
+    returns eps (the samplers' interface)."""
+    from companion.schedules import alphas_cumprod
+
+    tiny = dict(unet=train._unet(16, 3, 3, (8, 16, 16)), batch=16, limit=64)
+    nets = {p: models.load(train.run_recipe("shapes-base16", steps=60, out=tmp_path / p, progress=False, measure=False,
+                                            config=dict(tiny, prediction=p)), device="cpu")
+            for p in ("epsilon", "v_prediction")}
+    assert nets["v_prediction"].prediction == "v_prediction" and nets["v_prediction"].card["prediction"] == "v_prediction"
+    assert nets["v_prediction"].scheduler_config["prediction_type"] == "epsilon"  # what predict_noise returns
+    x = train._images(dict(data="shapes", size=16))[0][:32]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    abar = float(alphas_cumprod("linear")[600])
+    x_t = abar**0.5 * x + (1 - abar) ** 0.5 * noise
+    v = abar**0.5 * noise - (1 - abar) ** 0.5 * x
+    mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
+    with torch.no_grad():
+        raw = {p: m.unet(x_t, torch.full((32,), 600)).sample for p, m in nets.items()}
+        eps_v = nets["v_prediction"].predict_noise(x_t, 600)
+    assert mse(raw["v_prediction"], v) < mse(raw["epsilon"], v)
+    assert mse(raw["epsilon"], noise) < mse(raw["v_prediction"], noise)
+    torch.testing.assert_close(eps_v, (1 - abar) ** 0.5 * x_t + abar**0.5 * raw["v_prediction"], atol=1e-5, rtol=0)
+
+
 def test_unknown_recipe_and_bad_steps():
     with pytest.raises(KeyError, match="unknown recipe 'digits-xl'; valid recipes: digits-cond, "):
         train.run_recipe("digits-xl")

@@ -1,0 +1,253 @@
+"""Few-step students distilled from a bundled teacher: progressive and consistency distillation.
+
+Both recipes run through ``companion train`` (:mod:`companion.train`: progress bar, EMA, fixed seeds,
+resumable checkpoints, asset cards). Students are ordinary :class:`~companion.models.DiffusionModel` s that
+output v instead of eps (``prediction="v_prediction"``): at the noisiest timestep of the linear schedule
+alpha = sqrt(abar) ~ 0.006, so an eps-network would have to be 160x more precise than its x0 estimate
+needs to be; with v, x0 = alpha x_t - sigma v is well conditioned everywhere. They start from the teacher's
+weights (read as v, its eps output is already a fair first guess: eps_v = sigma x_t + alpha eps_teacher).
+
+* **Progressive distillation** (Salimans & Ho, arXiv 2202.00512): a student learns to take in ONE step of
+  the deterministic Euler/DDIM sampler what its teacher does in TWO, so the step count halves per stage
+  (``digits-pd-32`` learns from the teacher at 64 steps, ``digits-pd-16`` from ``digits-pd-32``, ... down to
+  ``digits-pd-1``). Every stage is kept. Students sample with ``sampler="euler", spacing="trailing"`` at
+  their own step count (:data:`STUDENT_SAMPLING`); on that grid Euler is DDIM, and trailing grids of
+  2N and N steps are nested, so each student step covers exactly two teacher steps.
+* **Consistency distillation** (Song et al., arXiv 2303.01469; in DDPM time as in Latent Consistency Models,
+  arXiv 2310.04378): one student maps any point x_t of the teacher's ODE trajectory straight to its end,
+  trained so that its outputs at neighbouring timesteps of the 50-step grid (one teacher DDIM step apart)
+  agree. It samples with the ``lcm`` sampler in 1-4 steps.
+
+The teacher is the class-conditional ``digits-cond``; students keep its class labels (and, with the same
+class dropout, its "no class" label, so classifier-free guidance still works on them).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import samplers, train
+from .models import DiffusionModel, ModelError, load
+
+PD_STAGES = (32, 16, 8, 4, 2, 1)
+PD_TEACHER_STEPS = 64  # the first stage imitates the teacher at 64 Euler steps
+CD_GRID = 50  # consistency pairs are neighbours on LCM's 50-step grid 999, 979, ..., 19 (and t = -1: x0)
+
+# how each student is meant to be sampled (the panel and the chapter default to this)
+STUDENT_SAMPLING = {"progressive": dict(sampler="euler", spacing="trailing"), "consistency": dict(sampler="lcm")}
+
+
+def pd_name(steps: int) -> str:
+    return f"digits-pd-{steps}"
+
+
+def student_sampling(model) -> dict:
+    """``sample()`` keyword arguments a distilled student is meant for: sampler, spacing and its step count."""
+    info = getattr(model, "card", {}).get("distillation")
+    if not info:
+        raise ModelError(f"model {getattr(model, 'name', model)!r} is not a distilled student (no 'distillation' in its card)")
+    return dict(STUDENT_SAMPLING[info["method"]], steps=int(info["student_steps"]))
+
+
+def euler_grid(model: DiffusionModel, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (steps,), sigmas (steps + 1,), ending in 0) of the trailing-spaced Euler sampler."""
+    sched = samplers.build_scheduler("euler", model.scheduler_config, spacing="trailing")
+    sched.set_timesteps(steps)
+    return sched.timesteps.to(torch.float32).clone(), sched.sigmas.to(torch.float32).clone()
+
+
+def x0_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = alpha x_t - sigma v (VP scaling: x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0)."""
+    return alpha * x_t - sigma * v
+
+
+def pd_target(x_ve: torch.Tensor, x_end: torch.Tensor, s0: torch.Tensor, s_end: torch.Tensor) -> torch.Tensor:
+    """The x0 estimate whose single Euler step from (x_ve, s0) lands on x_end at s_end (Salimans & Ho, eq. 8 in
+    the variance-exploding scaling): x_end = x_ve + (s_end - s0)(x_ve - x0)/s0, solved for x0."""
+    return x_ve - s0 * (x_end - x_ve) / (s_end - s0)
+
+
+class _StudentTask(train._Task):
+    """Common part: load the teacher, start the student from its weights, save the student as a v-model."""
+
+    method = ""
+
+    def __init__(self, rec, cfg):
+        self.teacher = load(cfg["teacher"], device="cpu").requires_grad_(False)
+        if not isinstance(self.teacher, DiffusionModel) or not self.teacher.conditional:
+            raise ModelError(f"teacher {cfg['teacher']!r} must be a class-conditional diffusion model")
+        super().__init__(rec, cfg)
+
+    def build(self):
+        return copy.deepcopy(self.teacher.unet).train().requires_grad_(True)
+
+    def labels(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        drop = torch.rand(y.shape[0], generator=g) < self.cfg["class_dropout"]
+        return torch.where(drop, torch.full_like(y, self.teacher.null_class), y)
+
+    def student_x0(self, net, x_t, t, labels, alpha, sigma):
+        return x0_from_v(net(x_t, t, class_labels=labels).sample, x_t, alpha, sigma)
+
+    def save(self, ema, out, card):
+        t = self.teacher
+        student = DiffusionModel(ema, t.scheduler_config, name=self.rec.name, sample_shape=t.sample_shape,
+                                 num_classes=t.num_classes, prediction="v_prediction")
+        info = dict(method=self.method, teacher=self.cfg["teacher"], student_steps=self.cfg["student_steps"],
+                    **STUDENT_SAMPLING[self.method])
+        return student.save(out, dict(card, distillation=info), weights_dtype=torch.float16)
+
+
+class ProgressiveStage(_StudentTask):
+    """One halving: the student's single Euler step from sigma_i to sigma_{i+2} must land where the teacher's two
+    steps (sigma_i -> sigma_{i+1} -> sigma_{i+2}) land. Loss on x0 with truncated-SNR weight max(SNR, 1)."""
+
+    method = "progressive"
+
+    def __init__(self, rec, cfg):
+        super().__init__(rec, cfg)
+        self.t_grid, self.s_grid = euler_grid(self.teacher, 2 * cfg["student_steps"])
+
+    @torch.no_grad()
+    def _teacher_step(self, x_ve, i, labels):
+        """One Euler step of the teacher in the variance-exploding scaling x_ve = x_t / alpha."""
+        s, s_next = self.s_grid[i], self.s_grid[i + 1]
+        b = (-1, 1, 1, 1)
+        x_in = x_ve / torch.sqrt(1 + s**2).view(b)
+        eps = self.teacher.predict_noise(x_in, self.t_grid[i], labels)
+        return x_ve + (s_next - s).view(b) * eps
+
+    def loss(self, g):
+        x0, y = self.batch(g)
+        labels = self.labels(y, g)
+        b = (-1, 1, 1, 1)
+        i = 2 * torch.randint(0, self.cfg["student_steps"], (x0.shape[0],), generator=g)
+        s0, s2 = self.s_grid[i].view(b), self.s_grid[i + 2].view(b)
+        x_ve = x0 + s0 * torch.randn(x0.shape, generator=g)
+        x2 = self._teacher_step(self._teacher_step(x_ve, i, labels), i + 1, labels)
+        target = pd_target(x_ve, x2, s0, s2)
+        alpha = 1 / torch.sqrt(1 + s0**2)
+        x0_s = self.student_x0(self.net, x_ve * alpha, self.t_grid[i], labels, alpha, s0 * alpha)
+        weight = torch.clamp(1 / s0**2, min=1.0)
+        return (weight * (x0_s - target) ** 2).mean()
+
+
+class ConsistencyDistillation(_StudentTask):
+    """f(x_t, t) = c_skip x_t + c_out x0(x_t, t) (LCM's boundary scalings, f(x, 0) = x) must agree between
+    t_n and the point one teacher DDIM step earlier, t_n - 20; the target network is an EMA of the student."""
+
+    method = "consistency"
+
+    def __init__(self, rec, cfg):
+        super().__init__(rec, cfg)
+        from diffusers import LCMScheduler
+
+        self.lcm = LCMScheduler.from_config(self.teacher.scheduler_config, original_inference_steps=CD_GRID)
+        self.abar = self.lcm.alphas_cumprod.to(torch.float32)
+        self.skip = self.teacher.num_train_timesteps // CD_GRID
+        self.grid = torch.arange(1, CD_GRID + 1) * self.skip - 1  # 19, 39, ..., 999
+        self.target = copy.deepcopy(self.net).eval().requires_grad_(False)
+
+    def checkpoint_modules(self):
+        return {"target": self.target}
+
+    def _ab(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.where(t >= 0, self.abar[t.clamp(min=0)], torch.ones(()))  # t = -1: the clean end, abar = 1
+        return a.sqrt().view(-1, 1, 1, 1), (1 - a).sqrt().view(-1, 1, 1, 1)
+
+    def consistency(self, net, x_t, t, labels):
+        alpha, sigma = self._ab(t)
+        c_skip, c_out = self.lcm.get_scalings_for_boundary_condition_discrete(t.clamp(min=0))
+        x0 = self.student_x0(net, x_t, t.clamp(min=0), labels, alpha, sigma)
+        f = c_skip.view(-1, 1, 1, 1) * x_t + c_out.view(-1, 1, 1, 1) * x0
+        return torch.where((t < 0).view(-1, 1, 1, 1), x_t, f)
+
+    def loss(self, g):
+        with torch.no_grad():  # the target network trails the student (updated after every optimiser step)
+            for pt, pn in zip(self.target.parameters(), self.net.parameters()):
+                pt.lerp_(pn, 1 - self.cfg["target_ema"])
+        x0, y = self.batch(g)
+        labels = self.labels(y, g)
+        t = self.grid[torch.randint(0, CD_GRID, (x0.shape[0],), generator=g)]
+        t_prev = t - self.skip
+        alpha, sigma = self._ab(t)
+        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
+        with torch.no_grad():  # one DDIM step of the teacher along its ODE: t -> t_prev
+            eps = self.teacher.predict_noise(x_t, t, labels)
+            a_p, s_p = self._ab(t_prev)
+            x_prev = a_p * (x_t - sigma * eps) / alpha + s_p * eps
+            target = self.consistency(self.target, x_prev, t_prev, labels)
+        return ((self.consistency(self.net, x_t, t, labels) - target) ** 2).mean()
+
+
+def _recipes() -> list:
+    common = dict(data="digits", size=16, class_dropout=0.1, batch=64, lr=2e-4, ema=0.99, warmup=20)
+    out = []
+    teacher = "digits-cond"
+    for n in PD_STAGES:
+        out.append(train.Recipe(
+            pd_name(n),
+            f"progressive distillation stage: {n}-step Euler student of {teacher} at {2 * n} steps",
+            "progressive-distillation", dict(common, teacher=teacher, student_steps=n), steps=300, seed=0,
+            depends_on=(teacher,)))
+        teacher = pd_name(n)
+    out.append(train.Recipe(
+        "digits-cd", "consistency distillation of digits-cond: 1-4 step LCM sampling", "consistency-distillation",
+        dict(common, teacher="digits-cond", student_steps=1, target_ema=0.95), steps=2000, seed=0,
+        depends_on=("digits-cond",)))
+    return out
+
+
+RECIPES = {r.name: r for r in _recipes()}
+TASKS = {"progressive-distillation": ProgressiveStage, "consistency-distillation": ConsistencyDistillation}
+# `companion train digits-pd` runs every progressive stage in order (each stage is its own resumable recipe)
+GROUPS = {"digits-pd": [pd_name(n) for n in PD_STAGES]}
+
+
+class TeacherDistance:
+    """Per-run quality for students: RMS distance to the teacher's converged ODE solution from the same noise.
+
+    A progressive student imitates its teacher's deterministic sampler, a consistency student maps noise to
+    the end of the teacher's ODE trajectory; both aim at the same image for the same x_T, so this distance
+    measures how well they learned it (on the teacher itself it is the discretisation error). Multistep LCM
+    sampling re-noises between steps, so it is not expected to reach zero. References are cached.
+    """
+
+    def __init__(self, teacher, reference_sampler: str = "unipc", reference_steps: int = 200):
+        self.teacher, self.reference_sampler, self.reference_steps = teacher, reference_sampler, reference_steps
+        self.label = f"distance to the teacher's {reference_steps}-step {reference_sampler} sample (RMS, lower is better)"
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, model, result, sample_kwargs: dict | None = None) -> float:
+        from .sampling import sample
+
+        rec = result.record
+        labels = result.class_labels
+        key = (rec.seed, rec.batch, rec.guidance, None if labels is None else tuple(int(v) for v in labels))
+        if key not in self._cache:
+            self._cache[key] = sample(self.teacher, self.reference_sampler, self.reference_steps, seed=rec.seed,
+                                      batch=rec.batch, class_labels=labels, guidance=rec.guidance).samples
+        return float((result.samples.float() - self._cache[key].float()).pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def _q_student(model, progress):
+    """FD (features-digits, 500 samples, 50 per class) and class accuracy at the student's own step count."""
+    from . import metrics
+    from .sampling import sample
+
+    kw = student_sampling(model)
+    labels = torch.arange(10).repeat_interleave(50)
+    imgs = torch.cat([sample(model, **kw, seed=1 + i, batch=100, class_labels=labels[j : j + 100]).images
+                      for i, j in enumerate(range(0, len(labels), 100))]).clamp(-1, 1)
+    return {"sampler": f"{kw['sampler']}, {kw['steps']} step(s)", "n_samples": len(labels),
+            "fd_features_digits": train._m(metrics.frechet_distance(imgs, "train", feature="features-digits")),
+            "features_digits_accuracy": train._m(metrics.class_accuracy(imgs, labels, feature="features-digits"))}
+
+
+QUALITY = {name: _q_student for name in RECIPES}
+
+train.RECIPES.update(RECIPES)
+train._TASKS.update(TASKS)
+train.QUALITY.update(QUALITY)
+train.GROUPS.update(GROUPS)
