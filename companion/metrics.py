@@ -318,19 +318,19 @@ def prdc_from_features(feats: torch.Tensor, ref: Reference, *, k: int = DEFAULT_
     n = len(feats)
     require_samples(n, "prdc")
     require_samples(ref.n, "prdc")
-    real, fake = ref.feats, feats.double()
+    real, generated = ref.feats, feats.double()
     r_real = ref.radii(k)  # (N,)
-    r_fake = _kth_nn_radii(fake, k)  # (M,)
-    d = torch.cdist(real, fake)  # (N, M)
-    in_real_ball = d <= r_real[:, None]  # real i's ball contains fake j
-    per_fake_precision = in_real_ball.any(0).double()
-    per_fake_density = in_real_ball.sum(0).double() / k
-    per_real_recall = (d <= r_fake[None, :]).any(1).double()
+    r_generated = _kth_nn_radii(generated, k)  # (M,)
+    d = torch.cdist(real, generated)  # (N, M)
+    in_real_ball = d <= r_real[:, None]  # real i's ball contains generated j
+    per_generated_precision = in_real_ball.any(0).double()
+    per_generated_density = in_real_ball.sum(0).double() / k
+    per_real_recall = (d <= r_generated[None, :]).any(1).double()
     per_real_coverage = (d.min(1).values <= r_real).double()
     note = f"k={k}, reference {ref.split} (n_ref={ref.n}); interval over samples with the manifolds held fixed"
     out = {}
-    for name, v, s in (("precision", per_fake_precision, seed), ("recall", per_real_recall, seed + 1),
-                       ("density", per_fake_density, seed + 2), ("coverage", per_real_coverage, seed + 3)):
+    for name, v, s in (("precision", per_generated_precision, seed), ("recall", per_real_recall, seed + 1),
+                       ("density", per_generated_density, seed + 2), ("coverage", per_real_coverage, seed + 3)):
         m = mean_measurement(name, v, feature=ref.feature, note=note, n_boot=n_boot, seed=s)
         out[name] = Measurement(name, m.value, m.low, m.high, n, ref.feature, note)
     return out

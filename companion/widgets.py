@@ -468,7 +468,33 @@ class SamplingSetup:
                 controls[name].disabled = not model.conditional
 
 
-class SamplerPanel:
+class _RunnerPanel:
+    """What every panel driven by a :class:`LatestOnlyRunner` shares: run now, wait, count runs.
+
+    A panel defines ``_request()`` (its current parameters), ``_compute``, ``_show`` and ``_show_error``.
+    """
+
+    def run(self):
+        """Run the current configuration now, on the calling thread (used when the panel is built)."""
+        req = self._request()
+        try:
+            out = self._compute(req)
+        except Exception as e:
+            self._show_error(req, e)
+            return None
+        self._show(req, out)
+        return out
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Block until queued runs are done (for scripts and tests)."""
+        return self._runner.wait_idle(timeout)
+
+    @property
+    def runs(self) -> int:
+        return self._runner.runs
+
+
+class SamplerPanel(_RunnerPanel):
     """Sampler dropdown, sliders and toggles over one model (or several, switched by a mode toggle).
 
     ``models``: a model, or a mapping label -> model (e.g. ``{"pixel": ..., "latent": ...}``; a toggle appears).
@@ -540,26 +566,10 @@ class SamplerPanel:
             return
         self._sync_enabled()
         self.status.value = "<i>running…</i>"
-        self._runner.request(self.params())
+        self._runner.request(self._request())
 
-    def run(self) -> PanelRun | None:
-        """Run the current configuration now, on the calling thread (used when the panel is built)."""
-        p = self.params()
-        try:
-            run = self._compute(p)
-        except Exception as e:
-            self._show_error(p, e)
-            return None
-        self._show(p, run)
-        return run
-
-    def wait(self, timeout: float = 120.0) -> bool:
-        """Block until queued runs are done (for scripts and tests)."""
-        return self._runner.wait_idle(timeout)
-
-    @property
-    def runs(self) -> int:
-        return self._runner.runs
+    def _request(self) -> dict:
+        return self.params()
 
     # -- display
     def static_html(self) -> str:
@@ -632,7 +642,7 @@ def _params_key(p: Mapping) -> tuple:
     return tuple(sorted((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in p.items()))
 
 
-class ComparePanel:
+class ComparePanel(_RunnerPanel):
     """Two sampling configurations, A and B, side by side from the same seed (the same initial noise).
 
     Shows each configuration's image grid and run record, their difference image (|A − B| per pixel, with its
@@ -755,26 +765,10 @@ class ComparePanel:
             return
         self._sync_enabled()
         self.status.value = "<i>running…</i>"
-        self._runner.request((self.params("A"), self.params("B")))
+        self._runner.request(self._request())
 
-    def run(self) -> Comparison | None:
-        """Run both configurations now, on the calling thread (used when the panel is built)."""
-        req = (self.params("A"), self.params("B"))
-        try:
-            cmp = self._compute(req)
-        except Exception as e:
-            self._show_error(req, e)
-            return None
-        self._show(req, cmp)
-        return cmp
-
-    def wait(self, timeout: float = 120.0) -> bool:
-        """Block until queued runs are done (for scripts and tests)."""
-        return self._runner.wait_idle(timeout)
-
-    @property
-    def runs(self) -> int:
-        return self._runner.runs
+    def _request(self) -> tuple[dict, dict]:
+        return self.params("A"), self.params("B")
 
     # -- display
     def static_html(self) -> str:

@@ -26,3 +26,17 @@ def no_unpickling(monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A random-init class-conditional UNet for panel tests: runs cost milliseconds; nothing depends on trained weights."""
+    from diffusers import UNet2DModel
+
+    from companion.models import DiffusionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=4)
+    return DiffusionModel(unet, name="tiny-cond", num_classes=3)

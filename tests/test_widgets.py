@@ -10,20 +10,7 @@ from diffusers import UNet2DModel
 
 from companion.models import DiffusionModel
 from companion.widgets import LatestOnlyRunner, SamplerPanel, ForwardPanel, grid_png
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=4)
-    return DiffusionModel(unet, name="tiny-cond", num_classes=3)
-
-
-def mean_abs(model, result):
-    """A cheap, deterministic per-run quality for tests."""
-    return float(result.images.abs().mean())
+from panel_helpers import mean_abs  # tiny_model: a fixture in tests/conftest.py
 
 
 def test_runner_coalesces_a_burst_and_ends_on_the_last_request():

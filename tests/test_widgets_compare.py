@@ -7,26 +7,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from PIL import Image
 
-from companion.models import DiffusionModel
 from companion.widgets import ComparePanel, series_points
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A random-init class-conditional UNet: runs cost milliseconds; nothing here depends on trained weights."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=4)
-    return DiffusionModel(unet, name="tiny-cond", num_classes=3)
-
-
-def mean_abs(model, result):
-    """A cheap, deterministic per-run quality for tests."""
-    return float(result.images.abs().mean())
+from panel_helpers import mean_abs  # tiny_model: a fixture in tests/conftest.py
 
 
 def panel(model, **kw):
