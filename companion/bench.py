@@ -29,7 +29,7 @@ import torch
 from . import metrics as M
 from .plots import HIGHER_IS_BETTER, pareto_front, speed_quality_figure  # noqa: F401  (pareto_front is public here too)
 
-BENCH_VERSION = "2"  # bump when a row's definition changes: old cache entries are then not reused
+BENCH_VERSION = "3"  # bump when a row's definition changes: old cache entries are then not reused
 # ode_distance is opt-in: its reference is a DOP853 solve costing hundreds of network evaluations per seed.
 DEFAULT_METRICS = ("fd", "prdc", "class_accuracy")
 ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
@@ -154,10 +154,29 @@ class RunCache:
 _FLOPS: dict[tuple, int] = {}
 
 
-def flops_per_eval(model) -> int:
-    """Floating-point operations of one network evaluation for one sample (torch's FlopCounterMode)."""
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """torch's ``FlopCounterMode`` (no printout) that also counts the fused attention kernel used on CPUs.
+
+    torch's formula table covers the CUDA attention kernels but not ``_scaled_dot_product_flash_attention_for_cpu``,
+    so on a CPU every self-attention layer's QK^T and softmax-V products would count as zero FLOPs.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    extra = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        extra[op] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def flops_per_eval(model) -> int:
+    """Floating-point operations of one network evaluation for one sample (torch's FlopCounterMode)."""
     key = (model.sha256, tuple(model.sample_shape))
     if key not in _FLOPS:
         dev = model.device
@@ -167,7 +186,7 @@ def flops_per_eval(model) -> int:
             kw["class_labels"] = torch.zeros(1, dtype=torch.long)
         if getattr(model, "cond_shape", None):
             kw["cond"] = torch.zeros(1, *model.cond_shape, device=dev)
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with torch.no_grad(), counter:
             model.predict_noise(x, torch.tensor([500]), **kw)
         _FLOPS[key] = int(counter.get_total_flops())
@@ -176,13 +195,11 @@ def flops_per_eval(model) -> int:
 
 def decode_flops(model) -> int:
     """FLOPs to decode one sample (latent models; 0 for pixel models)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     if not getattr(model, "is_latent", False):
         return 0
     key = ("decode", model.sha256)
     if key not in _FLOPS:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with torch.no_grad(), counter:
             model.decode(torch.zeros(1, *model.sample_shape, device=model.device))
         _FLOPS[key] = int(counter.get_total_flops())
