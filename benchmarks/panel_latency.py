@@ -6,12 +6,13 @@ the record and the figure have been updated. Default: DDIM, 20 NFE per sample (1
 classifier-free guidance), batch 16. Target: median <= 0.5 s on a 2-core CPU.
 
 For comparison it first times the same work (sample + quality + image/record/curve update) called directly on
-the main thread, before the panel's worker exists, as a floor: the panel runs on a worker thread, and on a 2-CPU machine torch's OpenMP runtime
-(libgomp) throttles its spin-waiting as soon as a second thread team exists (the kernel's and the worker's:
-more OpenMP threads than CPUs), so every parallel region of the network pays a sleep/wake-up. The difference
-between the two distributions is that cost.
+the main thread, before the panel's worker exists. The panel runs on a worker thread; on a 2-CPU machine torch's
+OpenMP runtime (libgomp) stops spin-waiting as soon as two threads keep thread pools (the kernel's and the
+worker's), and every parallel region of the network then pays a sleep/wake-up. The panel's runner therefore
+releases the requesting thread's idle pool before a run and the worker's after it
+(``companion.device.release_cpu_threads``); without that the median here was 0.81-0.86 s, with it 0.41-0.44 s
+(A/B on the same machine, 20 repeats each, 2026-11-27).
 
-    python benchmarks/panel_latency.py [--repeats 30] [--out benchmarks/results/panel_latency.json]
 """
 from __future__ import annotations
 

@@ -89,3 +89,43 @@ def describe() -> dict:
     if torch.cuda.is_available():
         info["cuda_device_name"] = torch.cuda.get_device_name(0)
     return info
+
+
+# ---------------------------------------------------------------------------------------------- CPU threads
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t (OpenMP 5.0): free the calling thread's pool; state is rebuilt on demand
+_omp_pause = None
+
+
+def _gnu_openmp():
+    """``omp_pause_resource_all`` of the GNU OpenMP runtime torch loaded into this process, or None."""
+    global _omp_pause
+    if _omp_pause is None:
+        _omp_pause = False
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libgomp" in line and line.rstrip().endswith(".so.1")}
+            for path in sorted(paths):
+                fn = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
+                if fn is not None:
+                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                    _omp_pause = fn
+                    break
+        except (OSError, AttributeError):  # not Linux, or no GNU OpenMP runtime: nothing to release
+            pass
+    return _omp_pause or None
+
+
+def release_cpu_threads() -> bool:
+    """Let the calling thread's idle OpenMP worker threads exit (they are recreated on its next parallel op).
+
+    Why: on a machine with few cores, GNU OpenMP (the runtime of the CPU builds of torch) stops spin-waiting
+    between parallel regions as soon as it manages more threads than there are CPUs; every operator then pays a
+    sleep/wake-up. Two threads that both ran torch (a notebook's kernel thread and a panel's worker) keep two
+    pools alive, which is enough on 2 CPUs: the network ran about 1.5x slower on the worker than on the kernel
+    thread. A thread that hands work to another calls this first. Returns False where there is nothing to
+    release (another OpenMP runtime, another OS); a no-op inside a parallel region.
+    """
+    fn = _gnu_openmp()
+    return bool(fn is not None and fn(_OMP_PAUSE_SOFT) == 0)

@@ -41,6 +41,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from .device import release_cpu_threads
 from .samplers import REGISTRY, SPACINGS
 from .sampling import sample
 
@@ -64,6 +65,9 @@ class LatestOnlyRunner:
         self.runs = 0
 
     def request(self, req: Any) -> None:
+        # The run happens on the worker: the requesting thread's idle OpenMP pool would only slow it down
+        # (companion.device.release_cpu_threads says why).
+        release_cpu_threads()
         with self._cond:
             self._queued, self._has_queued = req, True
             self._busy = True
@@ -77,6 +81,8 @@ class LatestOnlyRunner:
         # for it) instead of starting a new thread for every run.
         while True:
             with self._cond:
+                if not self._has_queued:
+                    release_cpu_threads()  # idle: the kernel thread's next torch call gets the CPUs to itself
                 while not self._has_queued:
                     self._busy = False
                     self._cond.notify_all()

@@ -240,3 +240,34 @@ def test_store_checked_outputs_keeps_only_marked_cells(tmp_path):
     assert stored.cells[0].outputs[0]["text"] == "0.67\n"
     assert stored.cells[0].execution_count == 1  # nbval only compares cells that were run
     assert stored.cells[1].outputs == [] and stored.cells[1].execution_count is None
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts OS threads through /proc (Linux only)")
+def test_release_cpu_threads_lets_the_callers_openmp_pool_exit():
+    import threading
+
+    if dev._gnu_openmp() is None:
+        pytest.skip("torch here does not use the GNU OpenMP runtime: nothing to release")
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one thread here: no OpenMP pool is built")
+    counts = {}
+
+    def worker():
+        x = torch.randn(4_000_000)
+        (x * 2).sum()  # large enough for a parallel region: this thread now owns a pool of idle OpenMP threads
+        counts["with_pool"] = _os_threads()
+        counts["released"] = dev.release_cpu_threads()
+        counts["after"] = _os_threads()
+        (x * 2).sum()  # the pool is rebuilt on demand; results are unaffected
+        counts["rebuilt"] = _os_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert counts["released"] is True
+    assert counts["after"] == counts["with_pool"] - (torch.get_num_threads() - 1)
+    assert counts["rebuilt"] == counts["with_pool"]
