@@ -9,6 +9,7 @@
 # COPY_DIR (optional): also copy the results and logs there (e.g. a folder that a remote runner brings back).
 # Python: the repo's .venv when it sees a CUDA GPU, else python3 (a GPU image with torch). Missing pure-Python
 # packages (diffusers, importlib_metadata) are installed from wheels in .whl/ when that folder exists; see docs/gpu.md.
+# pytest runs without the project's addopts (they name nbval, which a GPU image need not have).
 # DEVICE_CHECK_LIMIT_S overrides the total budget (default 290 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ fi
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| diffusers', diffusers.__version__)"
 
 say "tests (GPU and speed options); budget $(( $(left) - 150 )) s"
-timeout --signal=INT $(( $(left) - 150 )) "$PY" -m pytest tests/test_gpu.py tests/test_speed.py -q -rs --durations=10 -p no:cacheprovider \
+timeout --signal=INT $(( $(left) - 150 )) "$PY" -m pytest tests/test_gpu.py tests/test_speed.py -q -rs --durations=10 -p no:cacheprovider -o addopts="" \
   2>&1 | tee "$LOGS/pytest.log"
 TESTS_RC=${PIPESTATUS[0]}
 say "tests exit code $TESTS_RC"

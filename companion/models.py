@@ -186,7 +186,23 @@ class DiffusionModel(torch.nn.Module):
         smap = getattr(self, "_sigma_map", None)
         if smap is None:
             smap = self._sigma_map = SigmaMap(self.scheduler_config)
-        s = smap.sigma(t.detach().to("cpu", torch.float64)).to(like.device)
+            self._log_sigmas = {}
+        dev = like.device
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # a range check needs the values on the host: not possible inside a CUDA graph capture
+            tt = t.detach().to("cpu", torch.float64)
+            if torch.any(tt < 0) or torch.any(tt > smap.n - 1):
+                raise ValueError(f"timestep {tt.min().item()}..{tt.max().item()} outside the training grid [0, {smap.n - 1}]")
+        # the interpolation runs where x_t lives, from a table copied there once: no host round trip per call,
+        # so the call can be recorded in a CUDA graph (float64 where the device has it)
+        table_dtype = torch.float32 if dev.type == "mps" else torch.float64
+        ls = self._log_sigmas.get(dev)
+        if ls is None:
+            ls = self._log_sigmas[dev] = smap.log_sigmas.to(dev, table_dtype)
+        tt = t.detach().to(dev, table_dtype)
+        lo = tt.floor().clamp(max=smap.n - 2).long()
+        w = tt - lo
+        s = torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
         alpha = (1.0 / torch.sqrt(1.0 + s**2)).to(like.dtype)
         sig = (s / torch.sqrt(1.0 + s**2)).to(like.dtype)
         shape = (-1,) + (1,) * (like.ndim - 1)

@@ -126,6 +126,17 @@ def test_cuda_graphs_keep_multistep_history_intact(model):
     assert rel(res, ref) < FP32_REL_TOL
 
 
+def test_cuda_graphs_record_a_v_prediction_model():
+    """v-predicting networks convert v to eps with alpha/sigma looked up from t: that lookup must stay on the GPU."""
+    student = load("digits-cd", device="cpu")
+    ref = sample(accelerate(student, SpeedOptions(), "cuda"), "euler", steps=4, batch=8, seed=3, spacing="trailing").images
+    fast = accelerate(student, SpeedOptions(cuda_graphs=True), "cuda")
+    assert fast.applied["cuda_graphs"]
+    for _ in range(2):  # the second run replays the recorded graph
+        res = sample(fast, "euler", steps=4, batch=8, seed=3, spacing="trailing").images
+        assert rel(res, ref) < FP32_REL_TOL
+
+
 def test_peak_memory_is_recorded(model):
     model.to("cuda")
     weights = sum(p.numel() * p.element_size() for p in model.unet.parameters())
