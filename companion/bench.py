@@ -175,20 +175,26 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping=extra)
 
 
+def example_inputs(model, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(x_t, t, keyword arguments) for one ``predict_noise`` call on ``batch`` samples: zeros at t = 500, class 0,
+    and a zero low-resolution image for a super-resolution stage."""
+    dev = model.device
+    kw = {}
+    if getattr(model, "conditional", False):
+        kw["class_labels"] = torch.zeros(batch, dtype=torch.long, device=dev)
+    if getattr(model, "cond_shape", None):
+        kw["cond"] = torch.zeros(batch, *model.cond_shape, device=dev)
+    return torch.zeros(batch, *model.sample_shape, device=dev), torch.full((batch,), 500, device=dev), kw
+
+
 def flops_per_eval(model) -> int:
     """Floating-point operations of one network evaluation for one sample (torch's FlopCounterMode)."""
     key = (model.sha256, tuple(model.sample_shape))
     if key not in _FLOPS:
-        dev = model.device
-        x = torch.zeros(1, *model.sample_shape, device=dev)
-        kw = {}
-        if getattr(model, "conditional", False):
-            kw["class_labels"] = torch.zeros(1, dtype=torch.long)
-        if getattr(model, "cond_shape", None):
-            kw["cond"] = torch.zeros(1, *model.cond_shape, device=dev)
+        x, t, kw = example_inputs(model)
         counter = flop_counter()
         with torch.no_grad(), counter:
-            model.predict_noise(x, torch.tensor([500]), **kw)
+            model.predict_noise(x, t, **kw)
         _FLOPS[key] = int(counter.get_total_flops())
     return _FLOPS[key]
 

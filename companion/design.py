@@ -20,24 +20,13 @@ import time
 
 import torch
 
-from .bench import flop_counter
+from .bench import example_inputs, flop_counter
 from .train import DESIGN_VARIANTS
 
 DESIGN_MODELS = tuple(f"digits-design-{k}" for k in DESIGN_VARIANTS)
 
 # an attention layer of a diffusers UNet block (its q/k/v/out projections and the attention product itself)
 _ATTENTION_MODULE = re.compile(r"\.attentions\.\d+$")
-
-
-def _example_inputs(model, batch: int):
-    dev = model.device
-    x = torch.zeros(batch, *model.sample_shape, device=dev)
-    kw = {}
-    if getattr(model, "conditional", False):
-        kw["class_labels"] = torch.zeros(batch, dtype=torch.long, device=dev)
-    if getattr(model, "cond_shape", None):
-        kw["cond"] = torch.zeros(batch, *model.cond_shape, device=dev)
-    return x, torch.full((batch,), 500, device=dev), kw
 
 
 def attention_resolutions(model) -> list[int]:
@@ -73,7 +62,7 @@ def architecture_profile(model) -> dict:
     net = getattr(model, "unet", None)
     if net is None:
         raise TypeError(f"{getattr(model, 'name', model)!r} has no network to profile (an exact-score oracle?)")
-    x, t, kw = _example_inputs(model, 1)
+    x, t, kw = example_inputs(model, 1)
     counter = flop_counter()
     with counter:
         model.predict_noise(x, t, **kw)
@@ -100,7 +89,7 @@ def network_latency(model, batch: int = 16, repeats: int = 15, warmup: int = 3) 
     """Median seconds of one network evaluation (``predict_noise``) on ``batch`` samples, measured now."""
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"batch and repeats must be >= 1 and warmup >= 0, got batch={batch}, repeats={repeats}, warmup={warmup}")
-    x, t, kw = _example_inputs(model, batch)
+    x, t, kw = example_inputs(model, batch)
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times = []

@@ -56,12 +56,17 @@ class SigmaMap:
         self.log_sigmas = self.sigmas.log()
         self.n = len(self.sigmas)
 
+    def check(self, t: torch.Tensor) -> None:
+        """Refuse timesteps outside [0, n-1] (needs the values on the host)."""
+        t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+        if torch.any(t < 0) or torch.any(t > self.n - 1):
+            raise ValueError(f"timestep {t.min().item()}..{t.max().item()} outside the training grid [0, {self.n - 1}]")
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma(t) for t in [0, n-1]: log-sigma interpolated linearly between grid points (the inverse of
         diffusers' ``_sigma_to_t``); integer t gives the grid value exactly."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        if torch.any(t < 0) or torch.any(t > self.n - 1):
-            raise ValueError(f"timestep {t.min().item()}..{t.max().item()} outside the training grid [0, {self.n - 1}]")
+        self.check(t)
         lo = t.floor().clamp(max=self.n - 2).long()
         w = t - lo
         ls = self.log_sigmas.to(t.device)

@@ -19,6 +19,7 @@ pickled. ``resume=True`` continues from there (also to extend a finished run to 
 """
 from __future__ import annotations
 
+import abc
 import copy
 import functools
 import json
@@ -196,7 +197,7 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class _Task:
+class _Task(abc.ABC):
     """What differs between kinds: the network, the loss on a batch, how the trained EMA network is saved."""
 
     def __init__(self, rec: Recipe, cfg: dict):
@@ -206,8 +207,9 @@ class _Task:
             self.x, self.y = self.x[: cfg["limit"]], self.y[: cfg["limit"]]
         self.net = self.build()
 
+    @abc.abstractmethod
     def build(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """Defined by every kind of task."""
 
     def batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, self.x.shape[0], (self.cfg["batch"],), generator=g)
@@ -217,11 +219,13 @@ class _Task:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, y
 
+    @abc.abstractmethod
     def loss(self, g: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """Defined by every kind of task."""
 
+    @abc.abstractmethod
     def save(self, ema: torch.nn.Module, out: Path, card: dict) -> dict:
-        raise NotImplementedError
+        """Defined by every kind of task."""
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """Modules besides the network and its EMA whose state a checkpoint must keep (e.g. a target network)."""
