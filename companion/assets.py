@@ -11,13 +11,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from .errors import AssetError  # noqa: F401  (raised here; defined with the others)
 
 CARD = "companion.json"
 ENV_VAR = "COMPANION_ASSETS"
 
-
-class AssetError(RuntimeError):
-    """A bundled asset is missing, corrupted or of the wrong kind."""
 
 
 def assets_dir() -> Path:

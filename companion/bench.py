@@ -28,6 +28,7 @@ import torch
 
 from . import metrics as M
 from .plots import HIGHER_IS_BETTER, pareto_front, speed_quality_figure  # noqa: F401  (pareto_front is public here too)
+from .errors import CacheWarning  # noqa: F401  (raised here; defined with the others)
 
 BENCH_VERSION = "3"  # bump when a row's definition changes: old cache entries are then not reused
 # ode_distance is opt-in: its reference is a DOP853 solve costing hundreds of network evaluations per seed.
@@ -37,9 +38,6 @@ DEFAULT_N_SAMPLES = 256
 DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
 CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
 
-
-class CacheWarning(UserWarning):
-    """A cache entry was unreadable or inconsistent and has been recomputed."""
 
 
 # --------------------------------------------------------------------------------------------- configuration

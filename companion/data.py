@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .errors import DataUnavailable  # noqa: F401  (raised here; defined with the others)
 
 DIGITS_SIZES = (8, 16, 32)
 SPLITS = ("train", "test", "all")
@@ -322,9 +323,6 @@ HUB_DATASETS = {
 }
 HUB_TIMEOUT_S = 5.0
 
-
-class DataUnavailable(RuntimeError):
-    """A data set that needs the network could not be fetched (offline, or a missing optional package)."""
 
 
 def hub_unavailable(timeout: float) -> str | None:

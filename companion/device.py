@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 
 import torch
+from .errors import DeviceError  # noqa: F401  (raised here; defined with the others)
 
 ENV_VAR = "COMPANION_DEVICE"
 VALID_DEVICES = ("cpu", "cuda", "mps")
 
-
-class DeviceError(RuntimeError):
-    """A requested device is unknown or not present on this machine."""
 
 
 def _available(kind: str) -> bool:

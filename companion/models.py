@@ -20,25 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from . import assets
-
-# The training noise schedule of every bundled diffusion model. The linear schedule is used on purpose:
-# with the cosine schedule alphas_cumprod[999] ~ 2e-9 (sigma_max ~ 2e4) and eight diffusers samplers then
-# silently return pure noise (see the foundations chapter). tests/test_models.py checks every sampler on it.
-TRAIN_SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
+from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
+from .errors import ModelError  # noqa: F401  (raised here; defined with the others)
 
 
-PREDICTIONS = ("epsilon", "v_prediction")
-
-
-class ModelError(RuntimeError):
-    """A model could not be found, loaded, or used the way it was asked to be used."""
 
 
 class DiffusionModel(torch.nn.Module):
@@ -172,7 +157,7 @@ class DiffusionModel(torch.nn.Module):
         out = out.sample if hasattr(out, "sample") else out
         if self.prediction == "v_prediction":
             alpha, sigma = self.alpha_sigma(t, x_t)
-            out = sigma * x_t + alpha * out  # eps = sigma_vp x_t + alpha v
+            out = eps_from_v(out, x_t, alpha, sigma)
         return out
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,26 +166,12 @@ class DiffusionModel(torch.nn.Module):
         Fractional timesteps use diffusers' log-sigma interpolation (the inverse of ``_sigma_to_t``), so the
         value matches the noise level a Karras/Euler scheduler actually put into ``x_t``.
         """
-        from .oracle import SigmaMap
-
-        smap = getattr(self, "_sigma_map", None)
-        if smap is None:
-            smap = self._sigma_map = SigmaMap(self.scheduler_config)
-            self._log_sigmas = {}
+        smap = sigma_map(self)
         dev = like.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not capturing:  # the range check reads the values on the host: not possible inside a CUDA graph capture
             smap.check(t)
-        # the interpolation runs where x_t lives, from a table copied there once: no host round trip per call,
-        # so the call can be recorded in a CUDA graph (float64 where the device has it)
-        table_dtype = torch.float32 if dev.type == "mps" else torch.float64
-        ls = self._log_sigmas.get(dev)
-        if ls is None:
-            ls = self._log_sigmas[dev] = smap.log_sigmas.to(dev, table_dtype)
-        tt = t.detach().to(dev, table_dtype)
-        lo = tt.floor().clamp(max=smap.n - 2).long()
-        w = tt - lo
-        s = torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
+        s = smap.sigma_on(t, dev)
         alpha = (1.0 / torch.sqrt(1.0 + s**2)).to(like.dtype)
         sig = (s / torch.sqrt(1.0 + s**2)).to(like.dtype)
         shape = (-1,) + (1,) * (like.ndim - 1)

@@ -31,56 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from .models import TRAIN_SCHEDULE
-
-# ---------------------------------------------------------------------------------------------- noise levels
-
-
-def train_sigmas(scheduler_config: dict | None = None) -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) on the integer training grid, from diffusers' own alphas_cumprod.
-
-    Computed from the same float32 ``alphas_cumprod`` the schedulers hold, then kept in float64.
-    """
-    from diffusers import DDPMScheduler
-
-    cfg = dict(scheduler_config or TRAIN_SCHEDULE)
-    abar = DDPMScheduler.from_config(cfg).alphas_cumprod.to(torch.float64)
-    return ((1 - abar) / abar).sqrt()
-
-
-class SigmaMap:
-    """Maps fractional training timesteps to noise levels and back, exactly as diffusers does."""
-
-    def __init__(self, scheduler_config: dict | None = None):
-        self.sigmas = train_sigmas(scheduler_config)
-        self.log_sigmas = self.sigmas.log()
-        self.n = len(self.sigmas)
-
-    def check(self, t: torch.Tensor) -> None:
-        """Refuse timesteps outside [0, n-1] (needs the values on the host)."""
-        t = torch.as_tensor(t).detach().to("cpu", torch.float64)
-        if torch.any(t < 0) or torch.any(t > self.n - 1):
-            raise ValueError(f"timestep {t.min().item()}..{t.max().item()} outside the training grid [0, {self.n - 1}]")
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """sigma(t) for t in [0, n-1]: log-sigma interpolated linearly between grid points (the inverse of
-        diffusers' ``_sigma_to_t``); integer t gives the grid value exactly."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        self.check(t)
-        lo = t.floor().clamp(max=self.n - 2).long()
-        w = t - lo
-        ls = self.log_sigmas.to(t.device)
-        return torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
-
-    def t(self, sigma) -> np.ndarray:
-        """t(sigma): diffusers' ``_sigma_to_t`` (clamped to the grid)."""
-        log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
-        ls = self.log_sigmas.numpy()
-        dists = log_sigma - ls[:, None]
-        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(ls) - 2)
-        w = np.clip((ls[low] - log_sigma) / (ls[low] - ls[low + 1]), 0, 1)
-        return (1 - w) * low + w * (low + 1)
-
+from .schedules import TRAIN_SCHEDULE, SigmaMap, train_sigmas  # noqa: F401  (train_sigmas: read here by callers)
 
 # ---------------------------------------------------------------------------------------------- oracles
 

@@ -34,6 +34,8 @@ from . import metrics as M
 from . import oracle as O
 from . import samplers as S
 from .bench import class_labels_for, initial_noise
+from .sampling import SamplingError, sample
+from .schedules import SCHEDULES, TRAIN_SCHEDULE
 
 # The order of accuracy each deterministic sampler is designed to have (global error ~ h^p), and why. This is the
 # claim to test; the registry's ``order`` field records what the companion measured and derived.
@@ -193,8 +195,6 @@ def solver_consequence(model, samplers: Sequence[str], steps: Sequence[int] = (1
     """
     from tqdm.auto import tqdm
 
-    from .sampling import sample
-
     samplers = list(samplers)
     for key in samplers:
         if S.get(key).stochastic:
@@ -234,8 +234,6 @@ def step_grid(sampler: str, spacing: str, steps: int, scheduler_config: dict | N
     """The noise levels a sampler visits with a spacing: one row per step start ``i`` (timestep ``t``, VE noise
     level ``sigma``, ``log_snr`` = -2 log sigma) and a last row for where the last step lands (sigma = 0 at the data
     end: ``log_snr`` inf). Two-stage samplers list each full step once."""
-    from .models import TRAIN_SCHEDULE
-
     cfg = scheduler_config or TRAIN_SCHEDULE
     sched = S.build_scheduler(sampler, cfg, spacing=spacing)
     sched.set_timesteps(steps)
@@ -313,8 +311,6 @@ def spacing_errors(samplers: Sequence[str], spacings: Sequence[str], steps: Sequ
     that diverges has error ``inf`` and its error message in ``note``."""
     from tqdm.auto import tqdm
 
-    from .sampling import SamplingError, sample
-
     model = model if model is not None else O.toy_mixture((1, 4, 4))
     x_T = initial_noise(model, batch, seed)
     ref = oracle_reference(model, x_T)
@@ -349,8 +345,6 @@ def ablation_errors(samplers: Sequence[str], options: dict, steps: Sequence[int]
     """Final-output error on the oracle with the registry's scheduler and with ``options`` changed
     (e.g. ``{"lower_order_final": False}``): one row per sampler x setting x steps; non-finite output is error inf.
     Options the scheduler does not have are refused."""
-    from .models import TRAIN_SCHEDULE  # noqa: F401  (the oracle carries its own schedule)
-
     model = model if model is not None else O.toy_mixture((1, 4, 4))
     x_T = initial_noise(model, batch, seed)
     ref = oracle_reference(model, x_T)
@@ -369,4 +363,67 @@ def ablation_errors(samplers: Sequence[str], options: dict, steps: Sequence[int]
                     x = run_scheduler(model, sched, x_T)
                 rows.append({"sampler": key, "name": S.get(key).name, "setting": setting, "steps": int(n),
                              "error": _finite_median(_per_sample_rms(x, ref))})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- the schedule trap
+
+
+class _RelativeError(torch.nn.Module):
+    """A denoiser whose noise prediction is off by a relative ``error`` (eps_hat = (1 + error) eps): a stand-in
+    for a trained network's imperfection, applied to an exact oracle so the error's size is known."""
+
+    def __init__(self, oracle, error: float):
+        super().__init__()
+        self.oracle, self.error = oracle, float(error)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.oracle, name)
+
+    def predict_noise(self, x, t, class_labels=None, cond=None):
+        return (1.0 + self.error) * self.oracle.predict_noise(x, t, class_labels, cond)
+
+
+def schedule_trap_table(samplers=("ddim", "euler", "heun", "dpmpp_2m", "unipc", "deis"), steps: int = 20, seed: int = 0,
+                        batch: int = 128, eps_error: float = 0.0):
+    """Measure which samplers survive a model trained with the cosine schedule.
+
+    An exact-score Gaussian mixture is configured with the linear and the cosine training schedule; each sampler
+    runs with its default step spacing and with ``leading`` spacing. ``eps_error`` makes the denoiser's noise
+    prediction off by that relative amount, like a trained network: an error in eps becomes an error of
+    sigma * eps_error in the predicted clean image, and sigma_max is ~2e4 under the cosine schedule.
+    A run is "ok" when the samples land on the data (|x| <= 1.5: the mixture lives in [-1, 1]); otherwise the
+    table gives the order of magnitude of the largest value, or the error the sampler raised.
+    """
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand((4, 16), generator=g, dtype=torch.float64) * 1.2 - 0.6
+    oracles = {name: O.GaussianMixtureOracle(means, stds=0.1, sample_shape=(1, 4, 4), name=f"mixture-{name}",
+                                           scheduler_config=dict(TRAIN_SCHEDULE, **SCHEDULES[name]))
+               for name in ("linear", "cosine")}
+
+    def verdict(oracle, sampler, spacing):
+        if eps_error:
+            oracle = _RelativeError(oracle, eps_error)
+        try:
+            x = sample(oracle, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch=batch).samples
+        except Exception as e:  # a refusal or a detected divergence is an honest outcome to show
+            return f"error: {type(e).__name__}"
+        m = float(x.abs().max())
+        if not math.isfinite(m):
+            return "non-finite"
+        return "ok" if m <= 1.5 else f"off the data (max |x| ~ 1e{int(math.floor(math.log10(m)))})"
+
+    rows = []
+    for s in samplers:
+        default = S.REGISTRY[s].default_spacing
+        rows.append({
+            "sampler": S.REGISTRY[s].name,
+            "default spacing": default,
+            "linear schedule": verdict(oracles["linear"], s, None),
+            "cosine schedule": verdict(oracles["cosine"], s, None),
+            "cosine + leading": verdict(oracles["cosine"], s, "leading") if "leading" in S.REGISTRY[s].spacings else "n/a",
+        })
     return pd.DataFrame(rows)

@@ -37,15 +37,13 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from .errors import SamplerError  # noqa: F401  (raised here; defined with the others)
 
 SPACINGS = ("leading", "linspace", "trailing", "karras", "exponential")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 ALL = SPACINGS
 NO_SIGMAS = TIMESTEP_SPACINGS
 
-
-class SamplerError(ValueError):
-    """An unknown sampler, or an option the sampler does not have."""
 
 
 # ---------------------------------------------------------------------------------------------- schedulers

@@ -26,10 +26,8 @@ import torch
 from . import samplers as registry
 from .device import generator as cpu_generator
 from .device import pick_device, randn
+from .errors import SamplingError  # noqa: F401  (raised here; defined with the others)
 
-
-class SamplingError(ValueError):
-    """Bad arguments to :func:`sample`, or a run that diverged."""
 
 
 @dataclass

@@ -1,16 +1,38 @@
-"""Noise schedules of the forward process, and the eps / x0 / v parameterisations.
+"""Noise levels: the training schedule, sigma tables and their interpolation, and the eps / x0 / v conversions.
 
 Forward process (DDPM, arXiv 2006.11239): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps ~ N(0, I).
 SNR(t) = abar_t / (1 - abar_t); sigma_t = sqrt((1 - abar_t) / abar_t) is the noise level of the
 variance-exploding view the Karras/Euler samplers use (x_t / sqrt(abar_t) = x_0 + sigma_t eps).
+
+Time convention. Samplers pass a training timestep ``t`` (int, or fractional for Karras/exponential sigma
+schedules). :class:`SigmaMap` maps it to a noise level exactly as diffusers maps noise levels to timesteps
+(``_sigma_to_t``: linear interpolation of log-sigma on the integer training grid), from the scheduler's own
+float32 ``alphas_cumprod``. Every module that needs a noise level gets it here.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
 from .device import randn
-from .models import TRAIN_SCHEDULE
+
+# The training noise schedule of every bundled diffusion model. The linear schedule is used on purpose:
+# with the cosine schedule alphas_cumprod[999] ~ 2e-9 (sigma_max ~ 2e4) and eight diffusers samplers then
+# silently return pure noise (see the foundations chapter). tests/test_models.py checks every sampler on it.
+TRAIN_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+# What a bundled network predicts (the companion's models convert to eps before any sampler sees them).
+PREDICTIONS = ("epsilon", "v_prediction")
 
 SCHEDULES = {
     "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
@@ -73,69 +95,99 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, abar: float | torch.Tensor, s
     return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[dst]
 
 
-class _RelativeError(torch.nn.Module):
-    """A denoiser whose noise prediction is off by a relative ``error`` (eps_hat = (1 + error) eps): a stand-in
-    for a trained network's imperfection, applied to an exact oracle so the error's size is known."""
-
-    def __init__(self, oracle, error: float):
-        super().__init__()
-        self.oracle, self.error = oracle, float(error)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.oracle, name)
-
-    def predict_noise(self, x, t, class_labels=None, cond=None):
-        return (1.0 + self.error) * self.oracle.predict_noise(x, t, class_labels, cond)
+# ---------------------------------------------------------------------------------------------- noise levels
 
 
-def schedule_trap_table(samplers=("ddim", "euler", "heun", "dpmpp_2m", "unipc", "deis"), steps: int = 20, seed: int = 0,
-                        batch: int = 128, eps_error: float = 0.0):
-    """Measure which samplers survive a model trained with the cosine schedule.
+def abar_from_sigma(sigma):
+    """abar = 1 / (1 + sigma^2): the VP signal fraction at VE noise level sigma (float or tensor)."""
+    return 1.0 / (1.0 + sigma * sigma)
 
-    An exact-score Gaussian mixture is configured with the linear and the cosine training schedule; each sampler
-    runs with its default step spacing and with ``leading`` spacing. ``eps_error`` makes the denoiser's noise
-    prediction off by that relative amount, like a trained network: an error in eps becomes an error of
-    sigma * eps_error in the predicted clean image, and sigma_max is ~2e4 under the cosine schedule.
-    A run is "ok" when the samples land on the data (|x| <= 1.5: the mixture lives in [-1, 1]); otherwise the
-    table gives the order of magnitude of the largest value, or the error the sampler raised.
+
+def train_sigmas(scheduler_config: dict | None = None) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) on the integer training grid, from diffusers' own alphas_cumprod.
+
+    Computed from the same float32 ``alphas_cumprod`` the schedulers hold, then kept in float64.
     """
-    import math
+    cfg = dict(scheduler_config or TRAIN_SCHEDULE)
+    abar = DDPMScheduler.from_config(cfg).alphas_cumprod.to(torch.float64)
+    return ((1 - abar) / abar).sqrt()
 
-    import pandas as pd
 
-    from .oracle import GaussianMixtureOracle
-    from .samplers import REGISTRY
-    from .sampling import sample
+class SigmaMap:
+    """Maps fractional training timesteps to noise levels and back, exactly as diffusers does."""
 
-    g = torch.Generator().manual_seed(0)
-    means = torch.rand((4, 16), generator=g, dtype=torch.float64) * 1.2 - 0.6
-    oracles = {name: GaussianMixtureOracle(means, stds=0.1, sample_shape=(1, 4, 4), name=f"mixture-{name}",
-                                           scheduler_config=dict(TRAIN_SCHEDULE, **SCHEDULES[name]))
-               for name in ("linear", "cosine")}
+    def __init__(self, scheduler_config: dict | None = None):
+        self.sigmas = train_sigmas(scheduler_config)
+        self.log_sigmas = self.sigmas.log()
+        self.n = len(self.sigmas)
+        self._tables: dict = {}
 
-    def verdict(oracle, sampler, spacing):
-        if eps_error:
-            oracle = _RelativeError(oracle, eps_error)
+    def check(self, t: torch.Tensor) -> None:
+        """Refuse timesteps outside [0, n-1] (needs the values on the host)."""
+        t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+        if torch.any(t < 0) or torch.any(t > self.n - 1):
+            raise ValueError(f"timestep {t.min().item()}..{t.max().item()} outside the training grid [0, {self.n - 1}]")
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t) for t in [0, n-1]: log-sigma interpolated linearly between grid points (the inverse of
+        diffusers' ``_sigma_to_t``); integer t gives the grid value exactly."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        self.check(t)
+        lo = t.floor().clamp(max=self.n - 2).long()
+        w = t - lo
+        ls = self.log_sigmas.to(t.device)
+        return torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
+
+    def sigma_on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """sigma(t) computed where ``device`` is, from a table copied there once (float64 where the device has
+        it): no host round trip, so the call can be recorded in a CUDA graph. No range check (see :meth:`check`)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        ls = self._tables.get(device)
+        if ls is None:
+            ls = self._tables[device] = self.log_sigmas.to(device, dtype)
+        tt = t.detach().to(device, dtype)
+        lo = tt.floor().clamp(max=self.n - 2).long()
+        w = tt - lo
+        return torch.exp((1 - w) * ls[lo] + w * ls[lo + 1])
+
+    def sqrt_one_minus_abar(self, t) -> float:
+        """sqrt(1 - abar) at one (possibly fractional) timestep t."""
+        sigma = float(self.sigma(torch.tensor(float(t))))
+        return sigma / math.sqrt(1 + sigma**2)
+
+    def t(self, sigma) -> np.ndarray:
+        """t(sigma): diffusers' ``_sigma_to_t`` (clamped to the grid)."""
+        log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
+        ls = self.log_sigmas.numpy()
+        dists = log_sigma - ls[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(ls) - 2)
+        w = np.clip((ls[low] - log_sigma) / (ls[low] - ls[low + 1]), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+
+def sigma_map(model) -> SigmaMap:
+    """The :class:`SigmaMap` of ``model``'s training schedule, built once per model (kept on the model)."""
+    smap = getattr(model, "_companion_sigma_map", None)
+    if smap is None:
+        smap = SigmaMap(model.scheduler_config)
         try:
-            x = sample(oracle, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch=batch).samples
-        except Exception as e:  # a refusal or a detected divergence is an honest outcome to show
-            return f"error: {type(e).__name__}"
-        m = float(x.abs().max())
-        if not math.isfinite(m):
-            return "non-finite"
-        return "ok" if m <= 1.5 else f"off the data (max |x| ~ 1e{int(math.floor(math.log10(m)))})"
+            model._companion_sigma_map = smap
+        except AttributeError:
+            pass
+    return smap
 
-    rows = []
-    for s in samplers:
-        default = REGISTRY[s].default_spacing
-        rows.append({
-            "sampler": REGISTRY[s].name,
-            "default spacing": default,
-            "linear schedule": verdict(oracles["linear"], s, None),
-            "cosine schedule": verdict(oracles["cosine"], s, None),
-            "cosine + leading": verdict(oracles["cosine"], s, "leading") if "leading" in REGISTRY[s].spacings else "n/a",
-        })
-    return pd.DataFrame(rows)
+
+def x0_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = alpha x_t - sigma v (VP scaling: x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0)."""
+    return alpha * x_t - sigma * v
+
+
+def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = sigma x_t + alpha v (VP scaling)."""
+    return sigma * x_t + alpha * v
+
+
+def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, sqrt_one_minus_abar: float) -> torch.Tensor:
+    """The denoised estimate x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), x_t in VP scaling."""
+    s = sqrt_one_minus_abar
+    return (x_t - s * eps) / math.sqrt(1.0 - s * s)

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from .device import pick_device
+from .errors import SpeedOptionError, SpeedWarning  # noqa: F401  (raised here; defined with the others)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -47,12 +48,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": PRECISIONS, "mps": ("fp32",)}
 
 
-class SpeedOptionError(ValueError):
-    """A speed option that is unknown, or that cannot work on this device, model or platform."""
-
-
-class SpeedWarning(UserWarning):
-    """A speed option was accepted but has nothing to act on (e.g. ``channels_last`` on an oracle)."""
 
 
 @dataclass(frozen=True)

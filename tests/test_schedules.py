@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from companion import schedules
+from companion import orders, schedules
 
 
 def test_cosine_schedule_has_the_huge_sigma_max_that_breaks_samplers():
@@ -38,7 +38,7 @@ def test_bad_names_are_refused():
 
 
 def test_schedule_trap_is_measured_and_leading_spacing_fixes_it():
-    df = schedules.schedule_trap_table(samplers=("ddim", "euler", "dpmpp_2m"), eps_error=0.01, batch=64)
+    df = orders.schedule_trap_table(samplers=("ddim", "euler", "dpmpp_2m"), eps_error=0.01, batch=64)
     by = df.set_index("sampler")
     assert (df["linear schedule"] == "ok").all()
     assert (df["cosine + leading"] == "ok").all()
