@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .reference import reference_for
+
 METRICS_VERSION = "1"  # part of bench cache keys: bump when a metric's definition changes
 
 # The least sample counts each metric accepts. FD needs a well-conditioned covariance of the 64-d
@@ -408,29 +410,17 @@ def ode_distance(samples: torch.Tensor, reference_samples: torch.Tensor, *, stoc
     return mean_measurement("ode_distance", per, note="mean per-sample RMS distance to the reference ODE solution", n_boot=n_boot, seed=seed)
 
 
-def ode_reference_distance(result, model, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, reference=None, **oracle_kwargs) -> Measurement:
-    """:func:`ode_distance` for a :func:`companion.sampling.sample` result: solves the reference ODE from the
-    result's own initial noise with :func:`companion.oracle.reference_solution` (or uses ``reference``)."""
+def ode_reference_distance(result, model, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, reference=None, **reference_kwargs) -> Measurement:
+    """:func:`ode_distance` for a :func:`companion.sampling.sample` result, against the reference ODE solution (to
+    the data end, DOP853) from the result's own initial noise, labels and guidance, from the shared cache of
+    :mod:`companion.reference` (or against ``reference`` when given)."""
     rec = result.record
     stochastic = bool(getattr(rec, "stochastic", False))
     if stochastic:
         ode_distance(result.samples, result.samples, stochastic=True, sampler=getattr(rec, "sampler", ""))
     if reference is None:
-        reference = reference_for(result, model, **oracle_kwargs)
+        reference = reference_for(result, model, **reference_kwargs)
     return ode_distance(result.samples, reference, sampler=getattr(rec, "sampler", ""), n_boot=n_boot, seed=seed)
-
-
-def reference_for(result, model, **oracle_kwargs) -> torch.Tensor:
-    """The high-accuracy ODE solution from ``result``'s initial noise (same guidance and class labels)."""
-    from . import oracle
-
-    x_T = getattr(result, "x_T", None)
-    if x_T is None:
-        raise ValueError("this sample() result does not carry its initial noise (x_T); cannot solve the reference ODE")
-    rec = result.record
-    kwargs = dict(guidance=getattr(rec, "guidance", None), class_labels=getattr(result, "class_labels", None))
-    kwargs.update(oracle_kwargs)
-    return oracle.reference_solution(model, x_T, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- 2-D toys
@@ -498,3 +488,69 @@ def as_columns(measurements: Mapping[str, Measurement]) -> dict:
         row[f"{name}_high"] = m.high
         row[f"{name}_n"] = m.n
     return row
+
+
+# --------------------------------------------------------------------------------------------- comparing measurements
+# A chapter's claims ("guided is clearly more accurate", "the cascade's FD is better than single-scale") are
+# decided on intervals, never on point values alone: two numbers whose intervals overlap are not distinguishable
+# at this sample size. These read a Measurement, a (value, low, high) triple or a table row, so a chapter
+# decides the same way whichever form its numbers are in.
+
+
+def interval(m) -> tuple[float, float, float]:
+    """``(value, low, high)`` of a :class:`Measurement` or of a ``(value, low, high)`` triple."""
+    if isinstance(m, Measurement):
+        return m.value, m.low, m.high
+    try:
+        value, low, high = m
+    except (TypeError, ValueError):
+        raise TypeError(f"expected a Measurement or a (value, low, high) triple, got {m!r}") from None
+    return float(value), float(low), float(high)
+
+
+def from_columns(row: Mapping, name: str) -> tuple[float, float, float]:
+    """``(value, low, high)`` of metric ``name`` from a table row with :func:`as_columns`'s columns
+    (``name``, ``name_low``, ``name_high``), e.g. a row of a :func:`companion.bench.sweep` table."""
+    missing = [c for c in (name, f"{name}_low", f"{name}_high") if c not in row]
+    if missing:
+        raise KeyError(f"the row has no column(s) {missing}; columns: {', '.join(map(str, row.keys()))}")
+    return float(row[name]), float(row[f"{name}_low"]), float(row[f"{name}_high"])
+
+
+def clearly_above(a, b) -> bool:
+    """Whether ``a``'s whole interval lies above ``b``'s (``a.low > b.high``)."""
+    return bool(interval(a)[1] > interval(b)[2])
+
+
+def clearly_below(a, b) -> bool:
+    """Whether ``a``'s whole interval lies below ``b``'s (``a.high < b.low``)."""
+    return bool(interval(a)[2] < interval(b)[1])
+
+
+def compared_with(a, b, reference: str = "base", *, higher_is_better: bool = False) -> str:
+    """``a`` against ``b`` in words: ``"better than <reference>"``, ``"worse than <reference>"`` (intervals
+    disjoint) or ``"not distinguishable from <reference> (95 % intervals overlap)"``. Lower is better unless
+    ``higher_is_better`` (e.g. FD: lower; class accuracy: higher)."""
+    above, below = clearly_above(a, b), clearly_below(a, b)
+    better, worse = (above, below) if higher_is_better else (below, above)
+    if better:
+        return f"better than {reference}"
+    if worse:
+        return f"worse than {reference}"
+    return f"not distinguishable from {reference} ({round(100 * CONFIDENCE)} % intervals overlap)"
+
+
+def fd_triple(images: torch.Tensor, reference="train", *, feature: str | None = None) -> tuple[float, float, float]:
+    """Frechet distance of ``images`` clamped to [-1, 1] (as any saved image would be), as ``(value, low, high)``:
+    the three table columns a chapter shows (FD, FD low, FD high)."""
+    return interval(frechet_distance(images.clamp(-1, 1), reference, feature=feature))
+
+
+def class_accuracy_quality(model, result) -> float:
+    """A panel's per-run quality (``quality=`` of :class:`companion.widgets.SamplerPanel`): the bundled
+    classifier's accuracy on the run's images, clamped to [-1, 1] as any saved image would be, against the
+    classes they were drawn for. Needs a batch of at least ``MIN_SAMPLES["class_accuracy"]`` (20)."""
+    return class_accuracy(result.images.clamp(-1, 1), result.class_labels).value
+
+
+class_accuracy_quality.label = "class accuracy (higher is better)"  # the panel's axis and record label

@@ -3,14 +3,16 @@ step-schedule chapters.
 
 Everything here is measured, never typed in:
 
-* :func:`measure_orders` runs :func:`companion.oracle.convergence_order` for several deterministic samplers on an
+* :func:`convergence_order` measures one sampler's order inside the trajectory (:func:`state_at` against the
+  reference ODE solution of :mod:`companion.reference`); :func:`measure_orders` runs it for several deterministic samplers on an
   exact-score Gaussian mixture and returns the error of every run (sampler, steps, NFE, error);
   :func:`order_table` fits the orders and sets them beside the order each method is designed to have
   (:data:`NOMINAL`), with a plain verdict; :func:`order_figure` draws error against NFE on log-log axes with the
   nominal slopes as dashed reference lines.
 * :func:`solver_consequence` measures what the order means on a trained network: Frechet distance (enough samples
   for an interval) and the distance to a high-accuracy probability-flow ODE solution from the same noise
-  (:func:`network_reference`, scipy DOP853 through :func:`companion.oracle.reference_solution`).
+  (:func:`network_reference`, scipy DOP853 through :mod:`companion.reference`).
+* :func:`schedule_trap_table` measures which samplers survive a model trained with the cosine schedule.
 * :func:`step_grid` / :func:`grids_table` / :func:`grid_figure` show the noise levels each step spacing visits;
   :func:`spacing_errors` measures the final-output error of sampler x spacing x steps on the oracle, and
   :func:`ablation_errors` the same for scheduler options the registry fixes (``lower_order_final``), which is where
@@ -22,8 +24,9 @@ boundary would dominate a mean); errors on a network are means with bootstrap in
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,8 +37,11 @@ from . import metrics as M
 from . import oracle as O
 from . import samplers as S
 from .bench import class_labels_for, initial_noise
-from .sampling import SamplingError, sample
-from .schedules import SCHEDULES, TRAIN_SCHEDULE
+from .denoiser import Denoiser
+from .device import randn
+from .reference import reference
+from .sampling import SamplingError, sample, scheduler_loop
+from .schedules import SCHEDULES, TRAIN_SCHEDULE, SigmaMap
 
 # The order of accuracy each deterministic sampler is designed to have (global error ~ h^p), and why. This is the
 # claim to test; the registry's ``order`` field records what the companion measured and derived.
@@ -82,7 +88,7 @@ def measure_orders(samplers: Sequence[str] = ORDER_SAMPLERS, model=None, steps: 
     """Error of every (sampler, steps) run inside the trajectory on an exact-score model (default: the 16-d toy
     mixture), one row each: sampler, name, steps, nfe (network evaluations of the full run), error.
 
-    The error is :func:`companion.oracle.convergence_order`'s: median per-sample RMS distance at timestep
+    The error is :func:`convergence_order`'s: median per-sample RMS distance at timestep
     ``t_stop`` to a DOP853 solution (rtol = atol = 1e-10) from the sampler's own initial state, trailing spacing,
     scheduler arithmetic in float64.
     """
@@ -94,7 +100,7 @@ def measure_orders(samplers: Sequence[str] = ORDER_SAMPLERS, model=None, steps: 
     model = model if model is not None else O.toy_mixture((1, 4, 4))
     rows = []
     for key in tqdm(samplers, desc="convergence orders", disable=not progress):
-        r = O.convergence_order(key, model=model, steps=steps, t_stop=t_stop, seed=seed, batch=batch)
+        r = convergence_order(key, model=model, steps=steps, t_stop=t_stop, seed=seed, batch=batch)
         spec = S.get(key)
         for n, err in zip(r["steps"], r["errors"]):
             rows.append({"sampler": key, "name": spec.name, "steps": n, "nfe": spec.expected_nfe(n), "error": err})
@@ -161,13 +167,10 @@ def order_figure(errors: pd.DataFrame, title: str = "Error inside the trajectory
 
 # ---------------------------------------------------------------------------------------------- on a network
 
-_REFERENCES: dict[tuple, torch.Tensor] = {}
-
-
 def network_reference(model, n: int, seed: int = 0, *, rtol: float = 1e-4, guidance=None) -> torch.Tensor:
     """High-accuracy probability-flow ODE solution (DOP853, to sigma = 0) from the first ``n`` initial noises that
     :func:`companion.sampling.sample` draws for ``seed``, with balanced class labels for a conditional model.
-    Cached in memory per model, n, seed, rtol and guidance.
+    Cached by :mod:`companion.reference` (the model's weights as they are, the noise, labels, guidance, rtol).
 
     On the bundled digits model DOP853 needs ~600 network evaluations at rtol 1e-3 and ~1100 at 1e-4 (the network
     sees t(sigma), which is piecewise linear in log sigma); rtol 1e-4 moves the solution by ~5e-4 RMS from the
@@ -175,13 +178,9 @@ def network_reference(model, n: int, seed: int = 0, *, rtol: float = 1e-4, guida
     """
     if n < M.MIN_SAMPLES["ode_distance"]:
         raise ValueError(f"n={n}: the ODE distance needs at least {M.MIN_SAMPLES['ode_distance']} samples")
-    key = (model.sha256, int(n), int(seed), float(rtol), guidance)
-    if key not in _REFERENCES:
-        x_T = initial_noise(model, n, seed)
-        labels = class_labels_for(model, n)
-        _REFERENCES[key] = O.reference_solution(model, x_T, "clean", class_labels=labels, guidance=guidance,
-                                                rtol=rtol, atol=rtol).float()
-    return _REFERENCES[key]
+    x_T = initial_noise(model, n, seed)
+    labels = class_labels_for(model, n)
+    return reference(model, x_T, class_labels=labels, guidance=guidance, rtol=rtol, atol=rtol).float()
 
 
 def solver_consequence(model, samplers: Sequence[str], steps: Sequence[int] = (10, 20, 50), *, n_fd: int | None = 128,
@@ -243,7 +242,7 @@ def step_grid(sampler: str, spacing: str, steps: int, scheduler_config: dict | N
     if torch.is_tensor(sig) and len(sig) == len(dedup) + 1 and len(ts) == len(dedup):
         sigmas = [float(s) for s in sig]
     else:
-        smap = O.SigmaMap(cfg)
+        smap = SigmaMap(cfg)
         sigmas = [float(smap.sigma(torch.tensor(t))) for t in dedup] + [0.0]
     ts_out = dedup + [float("nan")]
     with np.errstate(divide="ignore"):
@@ -286,17 +285,11 @@ def _per_sample_rms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x.double() - ref.double()).pow(2).flatten(1).mean(1).sqrt()
 
 
-_ORACLE_REFS: dict[tuple, torch.Tensor] = {}
-
-
 def oracle_reference(model, x_T: torch.Tensor) -> torch.Tensor:
     """The exact ODE solution at the data end from unit-variance noise ``x_T`` at the last training timestep
     (DOP853, rtol = atol = 1e-10); cached per model and noise. Every spacing is measured against this one
     solution: a spacing that does not start at the last timestep (``leading``) pays for it."""
-    key = (model.sha256, hashlib.sha256(x_T.double().numpy().tobytes()).hexdigest())
-    if key not in _ORACLE_REFS:
-        _ORACLE_REFS[key] = O.reference_solution(model, x_T.double(), "clean")
-    return _ORACLE_REFS[key]
+    return reference(model, x_T.double())
 
 
 def _finite_median(per: torch.Tensor) -> float:
@@ -329,14 +322,12 @@ def spacing_errors(samplers: Sequence[str], spacings: Sequence[str], steps: Sequ
 
 
 def run_scheduler(model, scheduler, x_T: torch.Tensor) -> torch.Tensor:
-    """diffusers' sampling loop around a ready scheduler (``set_timesteps`` done) on an unconditional model:
-    the final output. For ablations of scheduler options the registry fixes; everything else uses
-    :func:`companion.sampling.sample`."""
+    """:func:`companion.sampling.scheduler_loop` around a ready scheduler (``set_timesteps`` done) on an
+    unconditional model: the final output, non-finite values allowed (an ablation may diverge: that is its result).
+    For ablations of scheduler options the registry fixes; everything else uses :func:`companion.sampling.sample`."""
     x = x_T.to(torch.float32) * float(scheduler.init_noise_sigma)
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = model.predict_noise(scheduler.scale_model_input(x, t), t)
-            x = scheduler.step(eps, t, x).prev_sample
+        x, _, _ = scheduler_loop(scheduler, Denoiser(model), x, check=False)
     return x
 
 
@@ -427,3 +418,120 @@ def schedule_trap_table(samplers=("ddim", "euler", "heun", "dpmpp_2m", "unipc", 
             "cosine + leading": verdict(oracles["cosine"], s, "leading") if "leading" in S.REGISTRY[s].spacings else "n/a",
         })
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- convergence inside the trajectory
+
+
+def _to_float64(scheduler, smap: SigmaMap) -> None:
+    """Make a scheduler's tables float64 so rounding does not floor high-order error measurements.
+
+    Casting is not enough for noise levels: diffusers computes ``sigmas`` from ``alphas_cumprod`` in float32
+    (relative error ~6e-8, which the VE state, up to sigma ~ 157, turns into a 1e-5 error floor). Noise levels
+    that sit on the integer training grid are replaced by their float64 values; a two-stage scheduler's
+    interpolated levels are recomputed from them with the scheduler's own formula.
+    """
+    for name, val in list(vars(scheduler).items()):
+        if torch.is_tensor(val) and val.is_floating_point():
+            setattr(scheduler, name, val.to(torch.float64))
+    sig = getattr(scheduler, "sigmas", None)
+    if sig is None or not torch.is_tensor(sig):
+        return
+    t = torch.from_numpy(smap.t(sig.numpy())).to(torch.float64)
+    on_grid = ((t - t.round()).abs() < 1e-3) & (sig > 0)
+    exact = smap.sigmas[t.round().long().clamp(0, smap.n - 1)]
+    scheduler.sigmas = torch.where(on_grid, exact, sig)
+    if hasattr(scheduler, "sigmas_interpol"):  # KDPM2: log-midpoints between consecutive levels
+        s = scheduler.sigmas
+        interp = s.log().lerp(s.roll(1).log(), 0.5).exp()
+        interp = torch.cat([interp[:1], interp[1:]])
+        old = scheduler.sigmas_interpol
+        scheduler.sigmas_interpol = torch.where(torch.isfinite(interp) & (old > 0), interp, old)
+
+
+class _Float64Torch:
+    """``torch`` as seen by a scheduler module during a measurement: ``torch.float32`` reads as float64.
+
+    ``DPMSolverMultistepScheduler.step`` hard-codes ``sample.to(torch.float32)``; at 250+ steps float32 rounding
+    (~1e-7 per step) floors third-order errors. Only the measurement loop below uses this, inside a context.
+    """
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return torch.float64 if name == "float32" else getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _float64_arithmetic(scheduler):
+    mods = {sys.modules[k.__module__] for k in type(scheduler).__mro__ if k.__module__.startswith("diffusers.schedulers")}
+    saved = {m: m.torch for m in mods if getattr(m, "torch", None) is torch}
+    try:
+        for m in saved:
+            m.torch = _Float64Torch(torch)
+        yield
+    finally:
+        for m, real in saved.items():
+            m.torch = real
+
+
+def state_at(model, sampler: str, steps: int, x_T: torch.Tensor, t_stop: int, spacing: str = "trailing",
+             float64: bool = True) -> tuple[tuple[float, torch.Tensor], torch.Tensor]:
+    """Run ``sampler`` for ``steps`` steps from the noise x_T and return (its own initial state, its state when
+    it reaches timestep ``t_stop`` at the start of a step), both in VP scaling (what the network sees).
+
+    For two-stage solvers the state is a full-step state, not a stage. The initial state is returned because
+    sigma-parametrised schedulers start from x_T * sigma_max rather than x_T * sqrt(sigma_max^2 + 1): a 2e-5
+    relative difference that a reference must share to measure discretisation error alone.
+    """
+    spec = S.get(sampler)
+    if spec.stochastic:
+        raise ValueError(f"{sampler!r} is stochastic: convergence to the ODE solution is defined for deterministic samplers")
+    sched = S.build_scheduler(spec, model.scheduler_config, spacing=spacing, steps=steps)
+    sched.set_timesteps(steps)
+    dtype = torch.float64 if float64 else torch.float32
+    if float64:
+        _to_float64(sched, SigmaMap(model.scheduler_config))
+    x = x_T.to(dtype) * float(sched.init_noise_sigma)
+    seen = {}
+
+    def watch(info):
+        seen.setdefault("start", (float(info["t"]), info["x_in"].to(torch.float64)))
+        return info["first_order"] and abs(float(info["t"]) - t_stop) < 1e-6
+
+    with _float64_arithmetic(sched) if float64 else contextlib.nullcontext():
+        _, _, stopped = scheduler_loop(sched, Denoiser(model), x, callback=watch, check=False, eps_dtype=dtype)
+    if stopped is not None:
+        return seen["start"], stopped["x_in"].to(torch.float64)
+    grid = [float(t) for t in sched.timesteps]
+    raise ValueError(f"{sampler} with {steps} {spacing} steps never reaches t={t_stop}; its timesteps: {grid[:6]}...{grid[-3:]}"
+                     f" (use trailing spacing and step counts that divide {model.num_train_timesteps})")
+
+
+def convergence_order(sampler: str, model=None, steps=(200, 250, 500, 1000), t_stop: int = 199, seed: int = 0,
+                      batch: int = 64, spacing: str = "trailing", rtol: float = 1e-10, atol: float = 1e-10) -> dict:
+    """Measured order of accuracy of a deterministic sampler on an exact-score model.
+
+    Error = median over the batch of the per-sample RMS distance between the sampler's state at timestep
+    ``t_stop`` and a DOP853 reference from the sampler's own initial state; measured inside the trajectory
+    because the last step to sigma = 0 (a one-shot jump to the denoised estimate) dominates final-output errors.
+    The order is minus the least-squares slope of log(error) against log(steps). Returns steps, errors, order
+    and the settings. Default steps: N >= 200 keeps the multistep warm-up and the pre-asymptotic range out of
+    the fit (there stock DPM-Solver++ 3M's slope passes through 3 on its way down to 2); N divides 1000 so that
+    trailing steps land on t_stop; float64 arithmetic keeps rounding below the smallest error.
+    """
+    model = model if model is not None else O.toy_mixture((1, 4, 4))
+    steps = [int(n) for n in steps]
+    if len(steps) < 2:
+        raise ValueError("convergence_order needs at least two step counts")
+    x_T = randn((batch, *model.sample_shape), seed, dtype=torch.float32).to(torch.float64)
+    errors = []
+    for n in steps:
+        (t0, x0), x = state_at(model, sampler, n, x_T, t_stop, spacing=spacing)
+        ref = reference(model, x0, t_start=t0, t_end=t_stop, rtol=rtol, atol=atol)
+        per_sample = ((x - ref) ** 2).reshape(batch, -1).mean(1).sqrt()
+        errors.append(float(per_sample.median()))
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    return {"sampler": sampler, "steps": steps, "errors": errors, "order": float(-slope), "t_stop": t_stop,
+            "seed": seed, "batch": batch, "spacing": spacing, "model": getattr(model, "name", type(model).__name__)}

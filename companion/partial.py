@@ -19,11 +19,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import samplers as registry
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, model_device, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
-from .sampling import RunRecord, SampleResult, SamplingError, _check_args, _labels, _model_device, _sqrt_one_minus_abar
+from .errors import SamplingError
+from .sampling import scheduler_loop, step_kwargs_for
+from .schedules import sigma_map, x0_from_eps
 
 
 @dataclass
@@ -57,12 +61,6 @@ def truncated_timesteps(model, sampler: str, steps: int, t_start: float | None, 
     raise SamplingError(f"{sampler} cannot take {steps} steps below t_start={t_start}: at most {int(t_start) + 1} training steps lie there")
 
 
-def _denoised(model, xin: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), x_t in VP scaling at (possibly fractional) timestep t."""
-    s = _sqrt_one_minus_abar(model, float(t))
-    return (xin - s * eps) / math.sqrt(1.0 - s * s)
-
-
 @torch.no_grad()
 def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, sampler: str = "ddim", steps: int = 10, *,
                 seed: int = 0, batch: int | None = None, class_labels=None, guidance: float | None = None,
@@ -88,16 +86,16 @@ def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, samp
         batch = x_start.shape[0]
     elif batch is None:
         raise SamplingError("batch is required when starting from pure noise (x_start=None)")
-    _check_args(model, spec, steps, guidance, eta, class_labels, None, None, batch, None)
+    check_args(model, spec, steps, guidance, eta, class_labels, None, None, batch, None)
     n_train = int(model.scheduler_config["num_train_timesteps"])
     if stop_at is not None and not (isinstance(stop_at, (int, float)) and 0 <= stop_at <= n_train - 1):
         raise SamplingError(f"stop_at must be a timestep in [0, {n_train - 1}] or None (run the chain to the end), got {stop_at!r}")
-    dev = pick_device(device) if device is not None else _model_device(model)
+    dev = pick_device(device) if device is not None else model_device(model)
     t0 = time.perf_counter()
 
     sched, timesteps, _ = truncated_timesteps(model, sampler, steps, t_start, spacing)
     timesteps = timesteps.to(dev)
-    labels = _labels(model, class_labels, batch, dev)
+    labels = resolve_labels(model, class_labels, batch, dev)
     noise = randn((batch, *model.sample_shape), seed, device=dev)
     x_noised = None
     if x_start is None:
@@ -106,49 +104,24 @@ def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, samp
         x0 = model.encode(x_start.to(dev))
         x = sched.add_noise(x0, noise, timesteps[:1])
         x_noised = sched.scale_model_input(x.clone(), timesteps[0]).cpu()
-    step_kwargs = {}
-    import inspect
+    denoiser = Denoiser(model, Conditioning(class_labels=labels), guidance=guidance)
 
-    if "generator" in inspect.signature(sched.step).parameters:
-        step_kwargs["generator"] = cpu_generator(seed + 1)
-    if eta is not None:
-        step_kwargs["eta"] = float(eta)
-    if guidance is not None:
-        labels2 = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    def stop(info):  # stop early: the denoised estimate at the first step at or below stop_at
+        return stop_at is not None and float(info["t"]) <= stop_at
 
-    calls, network_s, step_s, t_end = 0, 0.0, [], None
-    for t in timesteps:
-        s0 = time.perf_counter()
-        xin = sched.scale_model_input(x, t)
-        n0 = time.perf_counter()
-        if guidance is None:
-            eps = model.predict_noise(xin, t, class_labels=labels if model.conditional else None)
-            calls += 1
-        else:
-            eps_c, eps_u = model.predict_noise(torch.cat([xin, xin]), t, class_labels=labels2).chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-            calls += 2
-        network_s += time.perf_counter() - n0
-        t_end = float(t)
-        if stop_at is not None and float(t) <= stop_at:
-            x = _denoised(model, xin, eps, t)
-            step_s.append(time.perf_counter() - s0)
-            break
-        x = sched.step(eps, t, x, **step_kwargs).prev_sample
-        if not torch.isfinite(x).all():
-            raise SamplingError(f"{spec.key}: non-finite values after the step at t={float(t):g}")
-        step_s.append(time.perf_counter() - s0)
-
-    samples = x.detach().to("cpu", torch.float32)
-    images = model.decode(x).detach().to("cpu", torch.float32) if getattr(model, "is_latent", False) else samples
+    x, step_s, stopped = scheduler_loop(sched, denoiser, x, timesteps=timesteps, step_kwargs=step_kwargs_for(sched, seed, eta),
+                                        callback=stop, what=spec.key)
+    if stopped is not None:
+        t_end = float(stopped["t"])
+        x = x0_from_eps(stopped["eps"], stopped["x_in"], sigma_map(model).sqrt_one_minus_abar(t_end))
+    else:
+        t_end = float(timesteps[-1]) if len(timesteps) else None
+    images, samples = denoiser.finish(x)
     wall = time.perf_counter() - t0
-    record = RunRecord(
-        sampler=spec.key, steps=len(step_s), nfe=calls, wall_s=wall, network_s=network_s, overhead_s=wall - network_s,
-        step_s=step_s, peak_mem_bytes=0, peak_mem_kind="not measured", scheduler_class=type(sched).__name__,
-        scheduler_config=dict(sched.config), seed=seed, batch=batch, guidance=None if guidance is None else float(guidance),
-        eta=None if eta is None else float(eta), spacing=spacing,
-        stochastic=spec.stochastic or (spec.has_eta and bool(eta)), device=str(dev), model=str(getattr(model, "name", "")),
-    )
+    record = denoiser.record(sampler=spec.key, steps=len(step_s), wall_s=wall, step_s=step_s,
+                             scheduler_class=type(sched).__name__, scheduler_config=dict(sched.config), seed=seed,
+                             batch=batch, spacing=spacing, stochastic=spec.stochastic or (spec.has_eta and bool(eta)),
+                             eta=eta, device=dev)
     return PartialResult(images=images, samples=samples, record=record, x_T=None if x_start is not None else noise.cpu(),
                          class_labels=None if labels is None else labels.cpu(),
                          t_start=None if x_start is None else float(timesteps[0]), t_end=t_end, x_start_noised=x_noised)
@@ -197,8 +170,6 @@ class GaussianPrior:
 
 def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """A coarse version of ``images``: average-pooled by ``factor`` and scaled back up (bilinear)."""
-    import torch.nn.functional as F
-
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or images.shape[-1] % factor:
         raise ValueError(f"factor must be a positive int dividing the image size {images.shape[-1]}, got {factor!r}")
     small = F.avg_pool2d(images, factor)

@@ -30,10 +30,12 @@ import time
 
 import torch
 
+from . import samplers as registry
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, model_device, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
-from .oracle import SigmaMap
-from .sampling import RunRecord, SampleResult, SamplingError
+from .errors import SamplingError
+from .schedules import SigmaMap, abar_from_sigma, sigma_map  # noqa: F401  (SigmaMap: the type _training_alpha takes)
 
 SAMPLERS = ("euler_maruyama", "probability_flow", "predictor_corrector")
 
@@ -48,18 +50,14 @@ def noise_levels(model, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     # diffusers' trailing spacing: round(arange(T, 0, -T/N)) - 1
     ts = torch.round(torch.arange(n_train, 0, -n_train / steps, dtype=torch.float64)) - 1
     ts = ts[:steps]
-    sigmas = SigmaMap(model.scheduler_config).sigma(ts)
+    sigmas = sigma_map(model).sigma(ts)
     return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def _abar(sigma: float) -> float:
-    return 1.0 / (1.0 + sigma * sigma)
 
 
 def _training_alpha(smap: SigmaMap, t: float) -> float:
     """1 - beta_t of the training schedule at timestep t (Score SDE's Langevin step-size factor)."""
-    a_t = _abar(float(smap.sigma(torch.tensor(t))))
-    a_prev = _abar(float(smap.sigma(torch.tensor(t - 1.0)))) if t >= 1 else 1.0
+    a_t = abar_from_sigma(float(smap.sigma(torch.tensor(t))))
+    a_prev = abar_from_sigma(float(smap.sigma(torch.tensor(t - 1.0)))) if t >= 1 else 1.0
     return a_t / a_prev
 
 
@@ -94,36 +92,21 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     (classifier-free guidance counts 2 NFE per evaluation). ``x_T``: the initial state (VP scaling, unit variance
     for a correct prior); default ``randn(seed)``.
     """
-    from .sampling import _check_args, _labels, _model_device
-    from . import samplers as registry
-
     _check(sampler, model, batch, snr, corrector_steps, x_T)
-    _check_args(model, registry.get("ddpm"), steps, guidance, None, class_labels, None, None, batch, None)
-    dev = pick_device(device) if device is not None else _model_device(model)
+    check_args(model, registry.get("ddpm"), steps, guidance, None, class_labels, None, None, batch, None)
+    dev = pick_device(device) if device is not None else model_device(model)
     t_start = time.perf_counter()
     ts, sigmas = noise_levels(model, steps)
-    smap = SigmaMap(model.scheduler_config)
-    labels = _labels(model, class_labels, batch, dev)
+    smap = sigma_map(model)
+    labels = resolve_labels(model, class_labels, batch, dev)
     x0_noise = randn((batch, *model.sample_shape), seed) if x_T is None else torch.as_tensor(x_T, dtype=torch.float32).cpu()
     x = x0_noise.to(dev, torch.float32)
     g = cpu_generator(seed + 1)  # a separate stream from the initial noise, as in companion.sample
-    calls = 0
-    network_s = 0.0
     step_s = []
+    denoiser = Denoiser(model, Conditioning(class_labels=labels), guidance=guidance)
 
     def eps_at(x, t):
-        nonlocal calls, network_s
-        n0 = time.perf_counter()
-        if guidance is None:
-            e = model.predict_noise(x, float(t), class_labels=labels if getattr(model, "conditional", False) else None)
-            calls += 1
-        else:
-            null = torch.full_like(labels, model.null_class)
-            ec, eu = model.predict_noise(torch.cat([x, x]), float(t), class_labels=torch.cat([labels, null])).chunk(2)
-            e = eu + guidance * (ec - eu)
-            calls += 2
-        network_s += time.perf_counter() - n0
-        return e.to(torch.float32)
+        return denoiser(x, float(t)).to(torch.float32)
 
     def noise_like(x):
         return randn(x.shape, g, device=x.device)
@@ -136,7 +119,7 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     for i in iterator:
         s0 = time.perf_counter()
         s, s_next, t = float(sigmas[i]), float(sigmas[i + 1]), ts[i]
-        a_s = _abar(s)
+        a_s = abar_from_sigma(s)
         if sampler == "predictor_corrector":
             alpha_t = _training_alpha(smap, float(t))
             for _ in range(corrector_steps):
@@ -148,27 +131,22 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
         if s_next == 0.0:  # the last step: the denoised estimate
             x = (x - math.sqrt(1.0 - a_s) * eps) / math.sqrt(a_s)
         else:
-            big_b = math.log(_abar(s_next) / a_s)  # integral of beta over the step
+            big_b = math.log(abar_from_sigma(s_next) / a_s)  # integral of beta over the step
             score = -eps / math.sqrt(1.0 - a_s)
             if sampler == "probability_flow":
                 x = x + big_b * (0.5 * x + 0.5 * score)
             else:
                 x = x + big_b * (0.5 * x + score) + math.sqrt(big_b) * noise_like(x)
-        if not torch.isfinite(x).all():
-            raise SamplingError(f"{sampler}: non-finite values after step {i} of {steps} (sigma {s:.4g} -> {s_next:.4g})")
+        denoiser.check_finite(x, sampler, f"after step {i} of {steps} (sigma {s:.4g} -> {s_next:.4g})")
         step_s.append(time.perf_counter() - s0)
 
-    samples = x.detach().to("cpu", torch.float32)
-    images = model.decode(x).detach().to("cpu", torch.float32) if getattr(model, "is_latent", False) else samples
+    images, samples = denoiser.finish(x)
     wall = time.perf_counter() - t_start
-    record = RunRecord(
-        sampler=sampler, steps=steps, nfe=calls, wall_s=wall, network_s=network_s, overhead_s=wall - network_s,
-        step_s=step_s, peak_mem_bytes=0, peak_mem_kind="not measured", scheduler_class="companion.sde",
+    record = denoiser.record(
+        sampler=sampler, steps=steps, wall_s=wall, step_s=step_s, scheduler_class="companion.sde",
         scheduler_config={"sigmas": [float(v) for v in sigmas], "timesteps": [float(v) for v in ts], "snr": snr,
                           "corrector_steps": corrector_steps},
-        seed=seed, batch=batch, guidance=None if guidance is None else float(guidance), eta=None, spacing="trailing",
-        stochastic=sampler != "probability_flow", device=str(dev), model=str(getattr(model, "name", "")),
-    )
+        seed=seed, batch=batch, spacing="trailing", stochastic=sampler != "probability_flow", device=dev)
     return SampleResult(images=images, samples=samples, record=record, x_T=x0_noise,
                         class_labels=None if labels is None else labels.cpu())
 

@@ -13,15 +13,12 @@ import torch
 
 from companion import assets
 from companion import oracle as O
+from companion.orders import convergence_order
+from companion.reference import solve_ode
 from companion.sampling import sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 shared cores, tiny nets
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +33,16 @@ EXPECTED = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "unipc": 3, "dpmpp_
 
 @pytest.mark.parametrize("key", list(EXPECTED))
 def test_measured_order_matches_theory(mixture, key):
-    r = O.convergence_order(key, model=mixture, steps=(200, 250, 500, 1000), t_stop=199, batch=32)
+    r = convergence_order(key, model=mixture, steps=(200, 250, 500, 1000), t_stop=199, batch=32)
     assert abs(r["order"] - EXPECTED[key]) <= 0.3, r
     assert all(a > b for a, b in zip(r["errors"], r["errors"][1:])), r  # errors fall monotonically
 
 
 def test_convergence_order_refuses_what_it_cannot_measure(mixture):
     with pytest.raises(ValueError, match="stochastic"):
-        O.convergence_order("euler_a", model=mixture)
+        convergence_order("euler_a", model=mixture)
     with pytest.raises(ValueError, match="never reaches t=198"):
-        O.convergence_order("ddim", model=mixture, steps=(200, 250), t_stop=198)
+        convergence_order("ddim", model=mixture, steps=(200, 250), t_stop=198)
 
 
 _REFS: dict = {}
@@ -60,7 +57,7 @@ def distance_at(model, key, steps, t_stop=199, batch=32, tol=1e-7):
     x_stop = [x for t, x in res.trajectory if t == t_stop][0]
     key = (id(model), t0, t_stop, tol, x0.numpy().tobytes())
     if key not in _REFS:  # both 3M variants start from the same state: solve once
-        _REFS[key] = O.reference_solution(model, x0.double(), t_end=t_stop, t_start=t0, rtol=tol, atol=tol)
+        _REFS[key] = solve_ode(model, x0.double(), t_end=t_stop, t_start=t0, rtol=tol, atol=tol)
     ref = _REFS[key]
     return float(((x_stop.double() - ref) ** 2).flatten(1).mean(1).sqrt().mean())
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from companion import distill, load, sample, train
+from companion import distill, load, quality, recipes, sample
 from companion.models import DiffusionModel, ModelError, TRAIN_SCHEDULE
-from companion.oracle import SigmaMap
+from companion.schedules import SigmaMap
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def students(tmp_path_factory):
     """Every progressive stage and the consistency student, trained for 2 steps on a few images."""
     out = tmp_path_factory.mktemp("students")
     tiny = dict(batch=4, limit=32)
-    pd = train.run_group("digits-pd", out_dir=out, steps=2, config=tiny, measure=False, progress=False, threads=1)
-    cd = train.run_recipe("digits-cd", out=out / "digits-cd", steps=2, config=tiny, measure=False, progress=False, threads=1)
+    pd = recipes.run_group("digits-pd", out_dir=out, steps=2, config=tiny, measure=False, progress=False, threads=1)
+    cd = recipes.run_recipe("digits-cd", out=out / "digits-cd", steps=2, config=tiny, measure=False, progress=False, threads=1)
     return pd, cd
 
 
@@ -116,7 +116,7 @@ def test_one_step_sampling_is_what_training_optimised(students, teacher):
         m = load(path)
         r = sample(m, **kw, steps=1, batch=2, class_labels=labels, seed=4)
         task = (distill.ProgressiveStage if "pd" in path.name else distill.ConsistencyDistillation)(
-            train.recipe(path.name), dict(train.recipe(path.name).config, teacher=str(m.card["distillation"]["teacher"]), limit=8))
+            recipes.recipe(path.name), dict(recipes.recipe(path.name).config, teacher=str(m.card["distillation"]["teacher"]), limit=8))
         x_t = r.x_T  # VP scaling: Euler's scaled model input and LCM's sample are both x_T at t = 999
         t = torch.full((2,), 999)
         with torch.no_grad():
@@ -134,16 +134,16 @@ def test_consistency_resume_is_exact(tmp_path):
 
     tiny = dict(batch=4, limit=16)
     kw = dict(config=tiny, measure=False, progress=False, threads=1)
-    straight = train.run_recipe("digits-cd", out=tmp_path / "straight", steps=4, **kw)
-    train.run_recipe("digits-cd", out=tmp_path / "resumed", steps=2, **kw)
-    resumed = train.run_recipe("digits-cd", out=tmp_path / "resumed", steps=4, resume=True, **kw)
+    straight = recipes.run_recipe("digits-cd", out=tmp_path / "straight", steps=4, **kw)
+    recipes.run_recipe("digits-cd", out=tmp_path / "resumed", steps=2, **kw)
+    resumed = recipes.run_recipe("digits-cd", out=tmp_path / "resumed", steps=4, resume=True, **kw)
     a, b = (load_file(str(next((p / "unet").glob("*.safetensors")))) for p in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_consistency_boundary_is_the_identity(students):
     _, cd = students
-    rec = train.recipe("digits-cd")
+    rec = recipes.recipe("digits-cd")
     task = distill.ConsistencyDistillation(rec, dict(rec.config, limit=8))
     x = torch.randn(2, 1, 16, 16)
     out = task.consistency(task.net, x, torch.tensor([-1, -1]), torch.tensor([0, 1]))
@@ -153,7 +153,7 @@ def test_consistency_boundary_is_the_identity(students):
 def test_losses_are_finite_and_decrease_on_a_fixed_batch():
     """A few optimiser steps on one repeated batch lower both distillation losses (they train, not just run)."""
     for name in ("digits-pd-1", "digits-cd"):
-        rec = train.recipe(name)
+        rec = recipes.recipe(name)
         cfg = dict(rec.config, limit=16, batch=16, teacher="digits-cond")
         task = (distill.ProgressiveStage if name.startswith("digits-pd") else distill.ConsistencyDistillation)(rec, cfg)
         opt = torch.optim.Adam(task.net.parameters(), lr=1e-4)
@@ -183,7 +183,7 @@ def test_bundled_students_sample_the_requested_digits_in_range(name, no_unpickli
     imgs = sample(m, **distill.student_sampling(m), batch=20, class_labels=labels, seed=0).images
     assert torch.isfinite(imgs).all()
     assert float((imgs.abs() <= 1.05).float().mean()) > 0.95
-    clf, _ = train.digits_reference_classifier()
+    clf, _ = quality.digits_reference_classifier()
     pred = torch.from_numpy(clf.predict(F.avg_pool2d(imgs.clamp(-1, 1), 2).flatten(1).numpy()))
     assert float((pred == labels).float().mean()) >= 0.8
 
@@ -195,4 +195,4 @@ def test_not_a_student_is_refused(teacher):
 
 def test_unknown_group_lists_valid_ones():
     with pytest.raises(KeyError, match="digits-pd"):
-        train.run_group("digits-nope")
+        recipes.run_group("digits-nope")

@@ -6,19 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, UNet2DModel
+from diffusers import EulerDiscreteScheduler
 
 from companion import oracle as O
+from companion.reference import solve_ode
+from companion.schedules import SigmaMap
 from companion.models import TRAIN_SCHEDULE, DiffusionModel
 from companion.sampling import sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 shared cores, tiny nets
 
 
 def log_density(o, x, sigma):
@@ -56,7 +53,7 @@ def test_sigma_map_matches_diffusers_fractional_timesteps():
     """Karras schedules hand the network interpolated timesteps; the oracle must read them as the scheduler meant."""
     sched = EulerDiscreteScheduler.from_config(TRAIN_SCHEDULE, use_karras_sigmas=True)
     sched.set_timesteps(17)
-    smap = O.SigmaMap(TRAIN_SCHEDULE)
+    smap = SigmaMap(TRAIN_SCHEDULE)
     t = sched.timesteps.double()
     assert (t != t.round()).any()  # really fractional
     assert torch.allclose(smap.sigma(t), sched.sigmas[:-1].double(), rtol=2e-5)
@@ -92,21 +89,17 @@ def test_reference_solution_matches_the_closed_form_for_one_gaussian():
     smap = o.sigma_map
     sT = float(smap.sigmas[999])
     for t_end in (600, 199, "clean"):
-        ref = O.reference_solution(o, x_T, t_end)
+        ref = solve_ode(o, x_T, t_end)
         s1 = 0.0 if t_end == "clean" else float(smap.sigmas[t_end])
         y = mu + (x_T * math.sqrt(1 + sT**2) - mu) * math.sqrt(0.16 + s1**2) / math.sqrt(0.16 + sT**2)
         assert torch.allclose(ref, y / math.sqrt(1 + s1**2), atol=1e-7), t_end
 
 
-def test_reference_solution_on_a_unet_model_agrees_with_a_fine_sampler():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8).eval()
-    model = DiffusionModel(unet, name="tiny")
+def test_reference_solution_on_a_unet_model_agrees_with_a_fine_sampler(tiny_unet):
+    model = DiffusionModel(tiny_unet(), name="tiny")
     res = sample(model, "dpmpp_3m_corrected", 200, batch=2, spacing="trailing", return_trajectory=True)
     t_mid, x_mid = [(t, x) for t, x in res.trajectory if t == 499][0]
-    ref = O.reference_solution(model, res.trajectory[0][1], t_end=t_mid, rtol=1e-7, atol=1e-7)
+    ref = solve_ode(model, res.trajectory[0][1], t_end=t_mid, rtol=1e-7, atol=1e-7)
     scale = float(ref.abs().max())
     assert ref.shape == x_mid.shape and (ref - x_mid.double()).abs().max() < 1e-3 * scale
 
@@ -114,6 +107,6 @@ def test_reference_solution_on_a_unet_model_agrees_with_a_fine_sampler():
 def test_reference_solution_refuses_bad_ends():
     o = O.toy_mixture(2)
     with pytest.raises(ValueError, match="before t_start"):
-        O.reference_solution(o, torch.zeros(1, 2), t_end=900, t_start=500)
+        solve_ode(o, torch.zeros(1, 2), t_end=900, t_start=500)
     with pytest.raises(ValueError, match="or 'clean'"):
-        O.reference_solution(o, torch.zeros(1, 2), t_end="data")
+        solve_ode(o, torch.zeros(1, 2), t_end="data")

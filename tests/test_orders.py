@@ -9,16 +9,11 @@ import torch
 
 from companion import oracle as O
 from companion import orders as Od
+from companion.schedules import train_sigmas
 from companion.samplers import REGISTRY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: two intra-op threads on a busy machine are far slower for these small problems
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 shared cores, tiny nets
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +137,7 @@ def test_step_grids_are_what_each_spacing_promises():
     assert np.ptp(np.diff(karras)) < 1e-4  # Karras: uniform in sigma^(1/rho), rho = 7
     assert g.loc["trailing", "t"].iloc[0] == 999 and g.loc["linspace", "t"].iloc[0] == 999
     assert g.loc["leading", "t"].iloc[0] == 900  # leading never starts from the last training step
-    smax = float(O.train_sigmas()[-1])
+    smax = float(train_sigmas()[-1])
     assert g.loc["trailing", "sigma"].iloc[0] == pytest.approx(smax, rel=1e-5)
 
 
@@ -151,7 +146,7 @@ def test_step_grid_lists_two_stage_and_timestep_samplers_once_per_step():
     assert len(heun) == 11 and heun["t"].iloc[:-1].is_monotonic_decreasing
     ddim = Od.step_grid("ddim", "trailing", 10)
     assert list(ddim["t"].iloc[:-1]) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    sig = O.train_sigmas()
+    sig = train_sigmas()
     assert ddim["sigma"].iloc[8] == pytest.approx(float(sig[199]), rel=1e-9)
     pndm = Od.step_grid("pndm", "trailing", 10)
     assert pndm["t"].iloc[:-1].is_monotonic_decreasing and pndm["sigma"].iloc[-1] == 0

@@ -9,7 +9,8 @@ import torch
 from diffusers import UNet2DModel
 
 from companion.models import DiffusionModel
-from companion.widgets import LatestOnlyRunner, SamplerPanel, ForwardPanel, grid_png
+from companion.plots import grid_png
+from companion.widgets import ForwardPanel, LatestOnlyRunner, SamplerPanel
 from panel_helpers import mean_abs  # tiny_model: a fixture in tests/conftest.py
 
 
@@ -148,9 +149,9 @@ def test_grid_png_shape():
 
 
 def test_default_quality_is_distance_to_a_converged_solution(tiny_model):
-    from companion.widgets import RefDistance
+    from companion.reference import ReferenceDistance
 
-    q = RefDistance(reference_steps=40)
+    q = ReferenceDistance(reference_steps=40)
     p = SamplerPanel(tiny_model, controls=("sampler", "steps"), defaults={"sampler": "ddim", "steps": 40, "batch": 4,
                      "guidance": 1.5}, quality=q)
     near = p.history[-1].quality

@@ -1,0 +1,340 @@
+"""The one guided network call every sampler makes, and the record of what a run did and cost.
+
+A sampler (diffusers' scheduler loop in :mod:`companion.sampling`, the SDE samplers in :mod:`companion.sde`, partial
+chains in :mod:`companion.partial`, the reference ODE in :mod:`companion.reference`) never calls the network itself.
+It calls a :class:`Denoiser`: ``eps = denoiser(x, t)``, which
+
+* passes the :class:`Conditioning` bundle (class labels, a low-resolution image, text embeddings, extra keyword
+  inputs) to the model's ``predict_noise``;
+* applies classifier-free guidance (conditional and unconditional halves in one batched call, counted as 2 NFE)
+  and classifier guidance (the gradient of a noise-aware classifier's log p(y | x_t));
+* counts network evaluations per sample (NFE) and classifier evaluations, and times them;
+* checks a state for non-finite values on the sampler's behalf (:meth:`Denoiser.check_finite`).
+
+The network call itself is ``denoiser.network`` — by default ``model.predict_noise`` — and :meth:`Denoiser.wrap`
+is the one seam where a lever (a feature cache, a quantised or compiled network, a pipeline's UNet/transformer)
+replaces it for every sampler at once. :class:`RunRecord` is built in one place, :meth:`Denoiser.record`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import samplers as registry
+from .errors import SamplingError
+from .schedules import sigma_map
+from .speed import describe as describe_speed
+
+# ---------------------------------------------------------------------------------------------- conditioning
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a denoiser is conditioned on, for a batch of B samples.
+
+    ``class_labels``: (B,) int64, ``num_classes`` meaning "no class". ``image``: the low-resolution image of a
+    super-resolution stage (the model's ``cond``). ``text`` / ``null_text``: text-encoder embeddings of the prompt
+    and of the empty (or negative) prompt, for pipelines; classifier-free guidance pairs ``text`` with
+    ``null_text``. ``extra``: any further keyword inputs a pipeline's network needs (passed unchanged, and doubled
+    along the batch for guidance when they are tensors of batch size B).
+    """
+
+    class_labels: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    null_text: torch.Tensor | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``predict_noise``: only what is set (unconditional models take none)."""
+        kw = dict(self.extra)
+        if self.class_labels is not None:
+            kw["class_labels"] = self.class_labels
+        if self.image is not None:
+            kw["cond"] = self.image
+        if self.text is not None:
+            kw["encoder_hidden_states"] = self.text
+        return kw
+
+    def with_null(self, null_class: int | None) -> "Conditioning":
+        """The conditional and the unconditional half stacked along the batch (classifier-free guidance)."""
+        labels = None
+        if self.class_labels is not None:
+            if null_class is None:
+                raise SamplingError("classifier-free guidance on class labels needs the model's null class")
+            labels = torch.cat([self.class_labels, torch.full_like(self.class_labels, null_class)])
+        text = None
+        if self.text is not None:
+            if self.null_text is None:
+                raise SamplingError("classifier-free guidance on text needs null_text (the empty prompt's embeddings)")
+            text = torch.cat([self.text, self.null_text.expand_as(self.text)])
+        image = torch.cat([self.image, self.image]) if self.image is not None else None
+        extra = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in self.extra.items()}
+        return Conditioning(class_labels=labels, image=image, text=text, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------- the run record
+
+
+@dataclass
+class RunRecord:
+    """What one sampling call did and cost.
+
+    ``nfe``: network evaluations per sample (a classifier-free-guided call counts 2: its two halves).
+    ``classifier_evals``: noise-aware classifier gradient evaluations per sample (classifier guidance).
+    ``wall_s``: the whole call (noise, scheduler set-up, loop, decoding); ``network_s``: inside the diffusion
+    network (and the guidance classifier); ``overhead_s`` = wall - network: everything else (the solver).
+    ``step_s``: wall time of each loop iteration. ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated``
+    during the call; on CPU the growth of the process's peak resident set size (``ru_maxrss``) during the call,
+    which is 0 when the run stayed below an earlier peak — ``peak_mem_kind`` says which.
+    """
+
+    sampler: str
+    steps: int
+    nfe: int
+    wall_s: float
+    network_s: float
+    overhead_s: float
+    step_s: list
+    peak_mem_bytes: int
+    peak_mem_kind: str
+    scheduler_class: str
+    scheduler_config: dict
+    seed: int
+    batch: int
+    guidance: float | None
+    eta: float | None
+    spacing: str
+    stochastic: bool
+    classifier_scale: float | None = None
+    classifier_evals: int = 0
+    device: str = "cpu"
+    model: str = ""
+    speed: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def overhead_fraction(self) -> float:
+        return self.overhead_s / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor
+    samples: torch.Tensor
+    record: RunRecord
+    trajectory: list | None = field(default=None)
+    x_T: torch.Tensor | None = None  # the initial noise (unit variance, VP scaling, CPU): the reference ODE's start
+    class_labels: torch.Tensor | None = None  # the labels sampled with (None for unconditional runs)
+
+
+def peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class MemoryProbe:
+    """Peak memory of a stretch of work: CUDA's allocator peak, or the growth of the CPU process's peak RSS."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.rss0 = peak_rss_bytes()
+
+    def read(self) -> tuple[int, str]:
+        if self.dev.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.dev)), "cuda_max_memory_allocated"
+        return max(0, peak_rss_bytes() - self.rss0), "cpu_peak_rss_growth"
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def model_device(model) -> torch.device:
+    d = getattr(model, "device", None)
+    return torch.device(d) if d is not None else torch.device("cpu")
+
+
+def as_int(v):
+    """numpy / torch integers as plain ints (bools are left alone, to be refused by the checks)."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+
+def check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond) -> None:
+    """Refuse bad sampling arguments with a message that names the bad value and the valid choices."""
+    n_train = int(model.scheduler_config["num_train_timesteps"])
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n_train:
+        raise SamplingError(f"steps must be an int in [1, {n_train}] (the model's training steps), got {steps!r}")
+    if steps < spec.min_steps:
+        raise SamplingError(f"sampler {spec.key!r} needs at least {spec.min_steps} steps (got {steps}): "
+                            f"its Runge-Kutta warm-up alone takes 3; use 'plms' for fewer steps")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise SamplingError(f"batch must be a positive int, got {batch!r}")
+    if guidance is not None:
+        if not getattr(model, "conditional", False):
+            raise SamplingError(
+                f"guidance={guidance} needs a class-conditional model; {getattr(model, 'name', 'this model')!r} is unconditional "
+                "(use guidance=None, or classifier guidance with classifier=...)"
+            )
+        if not math.isfinite(float(guidance)):
+            raise SamplingError(f"guidance must be a finite number, got {guidance!r}")
+    if eta is not None:
+        if not spec.has_eta:
+            with_eta = [s.key for s in registry.REGISTRY.values() if s.has_eta]
+            raise SamplingError(f"sampler {spec.key!r} has no eta parameter; samplers with eta: {', '.join(with_eta)}")
+        if not 0.0 <= float(eta) <= 1.0:
+            raise SamplingError(f"eta must lie in [0, 1], got {eta!r}")
+    if classifier is None and classifier_scale is not None:
+        raise SamplingError("classifier_scale given without classifier=")
+    if classifier is not None and class_labels is None:
+        raise SamplingError("classifier guidance needs class_labels= (the class each sample is steered towards)")
+    if class_labels is not None and not getattr(model, "conditional", False) and classifier is None:
+        raise SamplingError(f"model {getattr(model, 'name', '')!r} is unconditional: class_labels need classifier= guidance")
+    if getattr(model, "cond_shape", None) is not None and cond is None:
+        raise SamplingError(f"model {model.name!r} is a super-resolution stage: pass cond=<low-resolution images of shape {model.cond_shape}>")
+
+
+def resolve_labels(model, class_labels, batch: int, device) -> torch.Tensor | None:
+    """The (B,) labels to sample with: given ones checked, or one of each class cycling for a conditional model."""
+    if class_labels is None:
+        if not getattr(model, "conditional", False):
+            return None
+        return (torch.arange(batch) % model.num_classes).to(device)
+    y = torch.as_tensor(class_labels, dtype=torch.long)
+    if y.ndim == 0:
+        y = y.expand(batch)
+    if y.shape != (batch,):
+        raise SamplingError(f"class_labels must be one int or {batch} ints (batch={batch}), got shape {tuple(y.shape)}")
+    n = getattr(model, "num_classes", None)
+    if n is not None and (y.min() < 0 or y.max() > n):
+        raise SamplingError(f"class_labels must lie in [0, {n}] ({n} = no class), got {y.min().item()}..{y.max().item()}")
+    return y.to(device)
+
+
+def resolve_cond(cond, batch: int, device) -> torch.Tensor | None:
+    """A super-resolution stage's low-resolution images, one per sample."""
+    if cond is None:
+        return None
+    cond = torch.as_tensor(cond, dtype=torch.float32).to(device)
+    if cond.shape[0] != batch:
+        raise SamplingError(f"cond holds {cond.shape[0]} images but batch={batch}")
+    return cond
+
+
+# ---------------------------------------------------------------------------------------------- the denoiser
+
+
+class Denoiser:
+    """``eps = denoiser(x, t)``: the model's noise prediction with guidance, counted, timed and checked.
+
+    ``model``: anything with the :class:`companion.models.DiffusionModel` interface. ``conditioning``: what every
+    call is conditioned on (the labels are dropped for an unconditional model, whose classifier guidance uses
+    them). ``guidance``: classifier-free guidance scale w, eps = eps_u + w (eps_c - eps_u). ``classifier`` /
+    ``classifier_scale``: a noise-aware classifier ``clf(x_t, t) -> logits``; eps -= scale * sqrt(1 - abar_t) *
+    grad log p(y | x_t) (default scale 1). ``sync``: called before and after each timed network stretch (CUDA's
+    synchronise, so the time is the device's and not the launch's).
+    """
+
+    def __init__(self, model, conditioning: Conditioning | None = None, *, guidance: float | None = None,
+                 classifier=None, classifier_scale: float | None = None, sync: Callable[[], None] | None = None):
+        self.model = model
+        self.conditioning = conditioning or Conditioning()
+        self.guidance = None if guidance is None else float(guidance)
+        self.classifier = classifier
+        self.classifier_scale = (1.0 if classifier_scale is None else float(classifier_scale)) if classifier is not None else None
+        self.sync = sync or (lambda: None)
+        self.network: Callable[..., torch.Tensor] = model.predict_noise
+        cond = self.conditioning
+        if not getattr(model, "conditional", False) and cond.class_labels is not None:
+            cond = replace(cond, class_labels=None)  # an unconditional network takes no labels (a classifier may)
+        self._single = cond.kwargs()
+        self._paired = cond.with_null(getattr(model, "null_class", None) if cond.class_labels is not None else None).kwargs() \
+            if self.guidance is not None else None
+        self.nfe = 0
+        self.classifier_evals = 0
+        self.network_s = 0.0
+
+    def wrap(self, wrapper: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]) -> "Denoiser":
+        """Replace the network call by ``wrapper(network)`` (same signature as ``predict_noise``): the one place a
+        cache, a quantised or compiled network, or a pipeline's own network plugs into every sampler."""
+        self.network = wrapper(self.network)
+        return self
+
+    def eps(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The guided noise prediction, counted but not timed (see :meth:`__call__`)."""
+        if self.guidance is None:
+            eps = self.network(x, t, **self._single)
+            self.nfe += 1
+        else:
+            eps_c, eps_u = self.network(torch.cat([x, x]), t, **self._paired).chunk(2)
+            eps = eps_u + self.guidance * (eps_c - eps_u)
+            self.nfe += 2
+        if self.classifier is not None:
+            eps = eps - self.classifier_scale * sigma_map(self.model).sqrt_one_minus_abar(t) * self.classifier_grad(x, t)
+            self.classifier_evals += 1
+        return eps
+
+    def classifier_grad(self, x: torch.Tensor, t) -> torch.Tensor:
+        """grad_x log p(y | x_t) of the guidance classifier for the conditioning's labels."""
+        labels = self.conditioning.class_labels
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            tt = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+            logp = torch.log_softmax(self.classifier(xg, tt), dim=-1)
+            return torch.autograd.grad(logp.gather(1, labels[:, None]).sum(), xg)[0]
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        self.sync()
+        n0 = time.perf_counter()
+        eps = self.eps(x, t)
+        self.sync()
+        self.network_s += time.perf_counter() - n0
+        return eps
+
+    def timed(self, fn: Callable[[], Any]) -> Any:
+        """Run other network work (e.g. a VAE decode) inside the network-time account."""
+        n0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        self.network_s += time.perf_counter() - n0
+        return out
+
+    @staticmethod
+    def check_finite(x: torch.Tensor, what: str, where: str = "") -> None:
+        """Refuse a diverged state: ``what`` names the sampler, ``where`` the step (and, ideally, the configuration)."""
+        if not torch.isfinite(x).all():
+            raise SamplingError(f"{what}: non-finite values (NaN/inf) {where}".rstrip())
+
+    def record(self, *, sampler: str, steps: int, wall_s: float, step_s: list, scheduler_class: str, scheduler_config: dict,
+               seed: int, batch: int, spacing: str, stochastic: bool, eta: float | None = None, device=None,
+               peak: tuple[int, str] = (0, "not measured")) -> RunRecord:
+        """The :class:`RunRecord` of a run driven by this denoiser (its NFE, network time, guidance filled in)."""
+        return RunRecord(
+            sampler=sampler, steps=steps, nfe=self.nfe, wall_s=wall_s, network_s=self.network_s,
+            overhead_s=wall_s - self.network_s, step_s=step_s, peak_mem_bytes=peak[0], peak_mem_kind=peak[1],
+            scheduler_class=scheduler_class, scheduler_config=scheduler_config, seed=seed, batch=batch,
+            guidance=self.guidance, eta=None if eta is None else float(eta), spacing=spacing, stochastic=stochastic,
+            classifier_scale=self.classifier_scale, classifier_evals=self.classifier_evals,
+            device=str(device if device is not None else model_device(self.model)), model=str(getattr(self.model, "name", "")),
+            speed=describe_speed(self.model),
+        )
+
+    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, samples) of a final state, on the CPU in float32: a latent model's samples are decoded (timed
+        as network work), a pixel model's samples are its images."""
+        samples = x.to(torch.float32)
+        images = self.timed(lambda: self.model.decode(samples)) if getattr(self.model, "is_latent", False) else samples
+        images = images.detach().to("cpu", torch.float32)
+        samples = samples.detach().cpu()
+        self.sync()
+        return images, samples
