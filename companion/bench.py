@@ -1,4 +1,4 @@
-"""Speed/quality sweeps with an on-disk cache, Pareto fronts, and the ``companion bench`` command.
+"""Speed/quality sweeps with an on-disk cache and Pareto fronts (``companion bench``, in :mod:`companion.cli`, runs them).
 
 :func:`sweep` runs every combination of sampler x steps x guidance x mode x seed through
 :func:`companion.sampling.sample`, measures each run (NFE, wall/network/overhead time, FLOPs per sample,
@@ -8,16 +8,16 @@ Each finished run is written to ``cache_dir`` (default: :func:`default_cache_dir
 by a digest of the full configuration, the model's sha256 and the metric/bench versions. A rerun reads the
 rows back instantly; an interrupted sweep keeps every run it finished; a cache entry that cannot be read
 back is reported (a warning naming the file) and recomputed.
+
+Measurement and its analysis only (tables, Pareto fronts): figures and the HTML report of a sweep are
+drawn by :mod:`companion.plots`, which imports this module, never the other way round.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
 import os
-import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -27,7 +27,11 @@ import pandas as pd
 import torch
 
 from . import metrics as M
-from .plots import HIGHER_IS_BETTER, pareto_front, speed_quality_figure  # noqa: F401  (pareto_front is public here too)
+from .device import randn
+from .models import load
+from .reference import reference
+from .samplers import get as get_sampler
+from .sampling import sample
 from .errors import CacheWarning  # noqa: F401  (raised here; defined with the others)
 
 BENCH_VERSION = "3"  # bump when a row's definition changes: old cache entries are then not reused
@@ -37,6 +41,8 @@ ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
 DEFAULT_N_SAMPLES = 256
 DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
 CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
+# Metrics where a larger value is better; every other metric (fd, kid, ode_distance, ...) is lower-better.
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "log_likelihood"})
 
 
 
@@ -217,43 +223,15 @@ def class_labels_for(model, n: int) -> torch.Tensor | None:
     return torch.arange(n) % int(model.num_classes)
 
 
-_REFERENCE_SOLUTIONS: dict[str, torch.Tensor] = {}
-
-
-def _reference_solution(model, x_T, class_labels, guidance, cache: RunCache, config: dict) -> torch.Tensor:
-    """The reference ODE solution from ``x_T``; shared by every deterministic sampler of one seed (memory and disk)."""
-    from safetensors.torch import load_file, save_file
-
-    from . import oracle
-
-    ref_cfg = {k: config[k] for k in ("model_sha256", "guidance", "seed", "n_samples", "n_ode", "bench_version")}
-    key = "ode-" + cache_key(ref_cfg)
-    if key in _REFERENCE_SOLUTIONS:
-        return _REFERENCE_SOLUTIONS[key]
-    path = cache.folder / f"{key}.safetensors" if cache.folder is not None else None
-    ref = None
-    if path is not None and path.exists():
-        try:
-            ref = load_file(str(path))["x0"]
-            if ref.shape != x_T.shape:
-                raise ValueError(f"shape {tuple(ref.shape)} != {tuple(x_T.shape)}")
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            warnings.warn(f"corrupted cache entry {path} ({type(e).__name__}: {e}); recomputing it", CacheWarning, stacklevel=3)
-            ref = None
-    if ref is None:
-        ref = oracle.reference_solution(model, x_T, "clean", class_labels=class_labels, guidance=guidance,
-                                        rtol=1e-6, atol=1e-6).float()
-        if path is not None:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"x0": ref.contiguous()}, str(tmp))
-            os.replace(tmp, path)
-    _REFERENCE_SOLUTIONS[key] = ref
-    return ref
+def _reference_solution(model, x_T, class_labels, guidance, cache: RunCache) -> torch.Tensor:
+    """The reference ODE solution from ``x_T`` (DOP853 to the data end, rtol 1e-6), shared by every deterministic
+    sampler of one seed: from :mod:`companion.reference`'s cache, kept on disk in the sweep's cache folder."""
+    return reference(model, x_T, class_labels=class_labels, guidance=guidance, rtol=1e-6, atol=1e-6,
+                     folder=cache.folder).float()
 
 
 def initial_noise(model, n: int, seed: int) -> torch.Tensor:
     """The x_T that :func:`companion.sampling.sample` draws for ``seed`` (unit-variance, VP scaling)."""
-    from .device import randn
 
     return randn((n, *model.sample_shape), seed)
 
@@ -261,8 +239,6 @@ def initial_noise(model, n: int, seed: int) -> torch.Tensor:
 def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
                 metrics: Sequence[str], feature: str | None, n_ode: int, cache: RunCache, config: dict) -> dict:
     """Sample once and measure everything: one row of the sweep table."""
-    from .sampling import sample
-    from .samplers import get as get_sampler
 
     labels = class_labels_for(model, n_samples)
     res = sample(model, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch=n_samples,
@@ -290,7 +266,7 @@ def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: 
         else:
             k = min(n_ode, n_samples)
             x_T = initial_noise(model, n_samples, seed)[:k]
-            ref = _reference_solution(model, x_T, None if labels is None else labels[:k], guidance, cache, config)
+            ref = _reference_solution(model, x_T, None if labels is None else labels[:k], guidance, cache)
             row.update(M.as_columns({"ode_distance": M.ode_distance(res.samples[:k], ref, seed=seed)}))
     return row
 
@@ -311,10 +287,8 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
     """Yield one result row per run as it finishes (cached runs first appear instantly)."""
     from tqdm.auto import tqdm
 
-    from .samplers import get as get_sampler
 
     if isinstance(model, str):
-        from .models import load
 
         model = load(model)
     if isinstance(samplers, str) or isinstance(steps, int):
@@ -368,7 +342,7 @@ def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,)
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------------------------- tables and Pareto fronts
 def quality_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in ("fd", "kid", "precision", "recall", "density", "coverage", "class_accuracy", "ode_distance")
             if c in df.columns and df[c].notna().any()]
@@ -389,94 +363,30 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["sampler", "steps"]).reset_index(drop=True)
 
 
-def html_report(df: pd.DataFrame, path: str | Path, title: str = "companion bench") -> Path:
-    """A self-contained interactive HTML page (plotly.js inlined: works offline) with speed/quality figures."""
-    path = Path(path)
-    parts = []
-    first = True
-    df = df.assign(run=run_labels(df))
-    color = "run"
-    for y in quality_columns(df):
-        for x in ("wall_s", "nfe"):
-            fig = speed_quality_figure(df, x=x, y=y, color=color)
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
-            first = False
-    table = summary_table(df).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
-    html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{padding:2px 8px;text-align:right}</style></head><body>"
-            f"<h1>{title}</h1><p>{len(df)} runs. Quality is measured in the bundled feature network's space "
-            "(not Inception); error bars are 95 % bootstrap intervals; dashed: Pareto front.</p>"
-            + "".join(parts) + "<h2>All runs</h2>" + table + "</body></html>")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def pareto_mask(x: np.ndarray, y: np.ndarray, higher_is_better: bool = False) -> np.ndarray:
+    """True for the points no other point beats in both (lower or equal x, better or equal y, one strictly)."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    yy = -y if higher_is_better else y
+    ok = np.isfinite(x) & np.isfinite(yy)
+    mask = np.zeros(len(x), dtype=bool)
+    best = np.inf
+    # sweep by x (ties: best y first); a point is on the front when it improves on everything cheaper
+    for i in np.lexsort((yy, x)):
+        if ok[i] and yy[i] < best:
+            mask[i] = True
+            best = yy[i]
+    return mask
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def _csv(text: str, cast=str, what: str = "value") -> list:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s, got {text!r}")
-    out = []
-    for t in items:
-        if cast is not str and t.lower() == "none":
-            out.append(None)
-            continue
-        try:
-            out.append(cast(t))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{t!r} is not a valid {what}") from None
-    return out
+def pareto_front(df: pd.DataFrame, x: str, y: str, higher_is_better: bool | None = None) -> pd.DataFrame:
+    """The rows of ``df`` on the Pareto front of cost ``x`` (lower is better) and quality ``y``, sorted by ``x``.
 
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``bench`` to the ``companion`` command's sub-parsers; its handler returns an exit code."""
-    p = subparsers.add_parser("bench", help="speed/quality sweep of samplers on a bundled model (CSV + HTML report)",
-                              description="Sample with every sampler x step count, measure speed and quality, "
-                                          "write bench.csv and an offline interactive report.html.")
-    p.add_argument("--model", required=True, help="bundled model name or asset folder (see `companion info`)")
-    p.add_argument("--samplers", required=True, type=lambda s: _csv(s, str, "sampler"), help="comma-separated, e.g. ddim,dpmpp_2m")
-    p.add_argument("--steps", required=True, type=lambda s: _csv(s, int, "step count"), help="comma-separated, e.g. 5,10,20,50")
-    p.add_argument("--guidance", type=lambda s: _csv(s, float, "guidance scale"), default=[None],
-                   help="comma-separated classifier-free guidance scales ('none' = unguided)")
-    p.add_argument("--spacing", type=lambda s: _csv(s, str, "spacing"), default=None,
-                   help="comma-separated timestep spacings to compare (default: each sampler's own)")
-    p.add_argument("--seeds", type=lambda s: _csv(s, int, "seed"), default=[0], help="comma-separated seeds")
-    p.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES, help=f"samples per run (default {DEFAULT_N_SAMPLES})")
-    p.add_argument("--metrics", type=lambda s: _csv(s, str, "metric"), default=list(DEFAULT_METRICS),
-                   help=f"comma-separated, from {','.join(ALL_METRICS)}")
-    p.add_argument("--cache-dir", default=None, help="run cache (default: <out>/cache)")
-    p.add_argument("--out", required=True, help="output folder for bench.csv and report.html")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
-def cmd_bench(args) -> int:
-    from .models import ModelError, load
-
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: cannot create output folder {out}: {e}", file=sys.stderr)
-        return 2
-    try:
-        model = load(args.model, device=args.device)
-        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
-        t0 = time.perf_counter()
-        df = sweep(model, args.samplers, args.steps, args.guidance, modes, args.seeds, n_samples=args.n_samples,
-                   metrics=args.metrics, cache_dir=args.cache_dir or out / "cache", progress=not args.no_progress)
-    except (ModelError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    df.to_csv(out / "bench.csv", index=False)
-    html_report(df, out / "report.html", title=f"companion bench: {model.name}")
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        print(summary_table(df).to_string(index=False))
-    print(f"\n{len(df)} runs ({int(df['cached'].sum())} from cache) in {time.perf_counter() - t0:.1f} s; "
-          f"wrote {out / 'bench.csv'} and {out / 'report.html'}")
-    return 0
+    Whether larger ``y`` is better defaults to :data:`HIGHER_IS_BETTER`.
+    """
+    for col in (x, y):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} is not in the table; columns: {', '.join(map(str, df.columns))}")
+    hib = (y in HIGHER_IS_BETTER) if higher_is_better is None else higher_is_better
+    mask = pareto_mask(df[x].to_numpy(), df[y].to_numpy(), hib)
+    return df[mask].sort_values(x)

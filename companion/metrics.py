@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import data
+from .features import default_feature_net_name, load_feature_net
 from .reference import reference_for
 
 METRICS_VERSION = "1"  # part of bench cache keys: bump when a metric's definition changes
@@ -150,7 +152,6 @@ _REFERENCES: dict[tuple, Reference] = {}
 
 
 def _real_data(dataset: str, split: str):
-    from . import data
 
     if dataset == "digits":
         return data.digits(16, split)
@@ -166,7 +167,6 @@ def reference(feature: str = "features-digits", split: str = "train", images: to
     By default the real data is the data set the feature network was trained for (its card's ``dataset``),
     ``split`` ``"train"``, ``"test"`` or ``"all"``. Pass ``images`` to use another real set (not cached).
     """
-    from .features import load_feature_net
 
     net = load_feature_net(feature)
     if images is not None:
@@ -193,14 +193,12 @@ def _as_reference(ref, feature: str) -> Reference:
 
 
 def _feature_name(images: torch.Tensor, feature: str | None) -> str:
-    from .features import default_feature_net_name
 
     return feature or default_feature_net_name(images.shape[1:])
 
 
 def extract(images: torch.Tensor, feature: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(features, logits, feature-net name) of an image set; images (N, C, H, W) in [-1, 1]."""
-    from .features import load_feature_net
 
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"images must be a tensor (N, C, H, W), got {getattr(images, 'shape', type(images).__name__)}")

@@ -65,14 +65,15 @@ def truncated_timesteps(model, sampler: str, steps: int, t_start: float | None, 
 def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, sampler: str = "ddim", steps: int = 10, *,
                 seed: int = 0, batch: int | None = None, class_labels=None, guidance: float | None = None,
                 eta: float | None = None, stop_at: float | None = None, spacing: str = "trailing",
-                device=None) -> PartialResult:
+                device=None, wrap=None) -> PartialResult:
     """Run the reverse chain from ``x_start`` noised to ``t_start``, in ``steps`` steps of ``sampler``.
 
     ``x_start``: clean images (B, *image_shape) in [-1, 1] (encoded first for latent models), or ``None`` with
     ``t_start=None`` to start from pure noise (the full chain; then ``batch`` is required). The forward noise is
     drawn with ``seed``; a stochastic sampler's own noise with ``seed + 1``, as in :func:`companion.sample`.
     ``stop_at``: a timestep; the chain ends at the first step at or below it and returns the denoised estimate
-    there (the remaining steps are not run). ``class_labels`` / ``guidance`` / ``eta`` as in :func:`companion.sample`.
+    there (the remaining steps are not run). ``class_labels`` / ``guidance`` / ``eta`` / ``wrap`` as in
+    :func:`companion.sample`.
     """
     spec = registry.get(sampler)
     if (x_start is None) != (t_start is None):
@@ -105,6 +106,8 @@ def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, samp
         x = sched.add_noise(x0, noise, timesteps[:1])
         x_noised = sched.scale_model_input(x.clone(), timesteps[0]).cpu()
     denoiser = Denoiser(model, Conditioning(class_labels=labels), guidance=guidance)
+    if wrap is not None:
+        denoiser.wrap(wrap)
 
     def stop(info):  # stop early: the denoised estimate at the first step at or below stop_at
         return stop_at is not None and float(info["t"]) <= stop_at

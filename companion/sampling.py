@@ -87,7 +87,7 @@ def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None
 def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | None = None, eta: float | None = None,
            spacing: str | None = None, seed: int = 0, batch: int = 16, class_labels=None, cond=None, classifier=None,
            classifier_scale: float | None = None, return_trajectory: bool = False, device=None,
-           progress: bool = False, speed=None, x_T: torch.Tensor | None = None) -> SampleResult:
+           progress: bool = False, speed=None, x_T: torch.Tensor | None = None, wrap=None) -> SampleResult:
     """Draw ``batch`` samples from ``model`` with ``sampler`` in ``steps`` steps.
 
     ``model``: any object with the :class:`companion.models.DiffusionModel` interface (pixel, latent — decoded
@@ -105,6 +105,8 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     ``"bf16+channels_last"``); recorded in ``record.speed``. For repeated calls, build the model once with
     :func:`companion.speed.accelerate` instead (each call here prepares, and possibly compiles, a copy).
     ``x_T``: the initial noise (batch, *sample_shape), unit variance (default: ``randn(seed)``).
+    ``wrap``: ``wrap(network) -> network``, applied to the network call (:meth:`companion.denoiser.Denoiser.wrap`):
+    the seam where a cache, a quantised network or a pipeline's own network replaces ``model.predict_noise``.
     """
     spec = registry.get(sampler)
     steps, batch = as_int(steps), as_int(batch)
@@ -135,6 +137,8 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     denoiser = Denoiser(model, Conditioning(class_labels=labels, image=cond), guidance=guidance, classifier=classifier,
                         classifier_scale=classifier_scale, sync=sync)
+    if wrap is not None:
+        denoiser.wrap(wrap)
     trajectory = [] if return_trajectory else None
     timesteps = sched.timesteps
     if progress:

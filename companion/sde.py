@@ -82,7 +82,7 @@ def _check(sampler, model, batch, snr, corrector_steps, x_T):
 @torch.no_grad()
 def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed: int = 0, batch: int = 16,
                class_labels=None, guidance: float | None = None, snr: float = 0.16, corrector_steps: int = 1,
-               x_T: torch.Tensor | None = None, device=None, progress: bool = False) -> SampleResult:
+               x_T: torch.Tensor | None = None, device=None, progress: bool = False, wrap=None) -> SampleResult:
     """Draw ``batch`` samples with ``sampler`` (one of :data:`SAMPLERS`) in ``steps`` noise levels.
 
     ``euler_maruyama``: the reverse VP-SDE (stochastic, 1 NFE per step). ``probability_flow``: the same
@@ -90,7 +90,7 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     ``corrector_steps`` Langevin updates (signal-to-noise ratio ``snr``) then an Euler–Maruyama step at each level
     (1 + ``corrector_steps`` NFE per step). ``class_labels`` / ``guidance``: as in :func:`companion.sample`
     (classifier-free guidance counts 2 NFE per evaluation). ``x_T``: the initial state (VP scaling, unit variance
-    for a correct prior); default ``randn(seed)``.
+    for a correct prior); default ``randn(seed)``. ``wrap``: as in :func:`companion.sample`.
     """
     _check(sampler, model, batch, snr, corrector_steps, x_T)
     check_args(model, registry.get("ddpm"), steps, guidance, None, class_labels, None, None, batch, None)
@@ -104,6 +104,8 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     g = cpu_generator(seed + 1)  # a separate stream from the initial noise, as in companion.sample
     step_s = []
     denoiser = Denoiser(model, Conditioning(class_labels=labels), guidance=guidance)
+    if wrap is not None:
+        denoiser.wrap(wrap)
 
     def eps_at(x, t):
         return denoiser(x, float(t)).to(torch.float32)

@@ -1,0 +1,114 @@
+"""The one guided network call: conditioning, guidance, counting, the wrap seam and the finite check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from companion import sde
+from companion.denoiser import Conditioning, Denoiser
+from companion.errors import SamplingError
+from companion.partial import sample_from
+from companion.sampling import sample
+
+
+def test_conditioning_passes_only_what_is_set():
+    assert Conditioning().kwargs() == {}
+    y = torch.tensor([0, 1])
+    kw = Conditioning(class_labels=y, extra={"added_cond_kwargs": 1}).kwargs()
+    assert set(kw) == {"class_labels", "added_cond_kwargs"} and kw["class_labels"] is y
+
+
+def test_conditioning_pairs_every_input_with_its_null_for_guidance():
+    y, img = torch.tensor([0, 2]), torch.ones(2, 1, 4, 4)
+    text, null = torch.ones(2, 3, 8), torch.zeros(1, 3, 8)
+    both = Conditioning(class_labels=y, image=img, text=text, null_text=null, extra={"e": torch.ones(2, 5), "k": "x"}).with_null(7)
+    assert both.class_labels.tolist() == [0, 2, 7, 7]
+    assert both.image.shape[0] == 4 and both.extra["e"].shape == (4, 5) and both.extra["k"] == "x"
+    assert torch.equal(both.text[:2], text) and torch.equal(both.text[2:], null.expand(2, 3, 8))
+    with pytest.raises(SamplingError, match="null_text"):
+        Conditioning(text=text).with_null(None)
+    with pytest.raises(SamplingError, match="null class"):
+        Conditioning(class_labels=y).with_null(None)
+
+
+def test_guided_call_is_the_cfg_combination_and_counts_two(tiny_model):
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    d = Denoiser(tiny_model, Conditioning(class_labels=y), guidance=3.0)
+    with torch.no_grad():
+        got = d(x, 500)
+        ec = tiny_model.predict_noise(x, 500, class_labels=y)
+        eu = tiny_model.predict_noise(x, 500, class_labels=torch.full_like(y, tiny_model.null_class))
+    torch.testing.assert_close(got, eu + 3.0 * (ec - eu), rtol=1e-5, atol=1e-5)
+    assert d.nfe == 2 and d.network_s > 0
+    plain = Denoiser(tiny_model, Conditioning(class_labels=y))
+    with torch.no_grad():
+        plain(x, 500)
+        plain(x, 400)
+    assert plain.nfe == 2
+
+
+def test_unconditional_network_gets_no_labels_but_classifier_does():
+    calls = []
+
+    class Uncond(torch.nn.Module):
+        conditional, num_classes, name = False, None, "u"
+        scheduler_config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+        def predict_noise(self, x, t, **kw):
+            calls.append(kw)
+            return torch.zeros_like(x)
+
+    clf_labels = []
+
+    def clf(x, t):
+        clf_labels.append(True)
+        return torch.stack([x.flatten(1).sum(1), -x.flatten(1).sum(1)], 1)
+
+    d = Denoiser(Uncond(), Conditioning(class_labels=torch.tensor([0, 1])), classifier=clf, classifier_scale=2.0)
+    eps = d(torch.ones(2, 1, 2, 2), 500)
+    assert calls == [{}] and clf_labels and d.classifier_evals == 1 and d.nfe == 1
+    assert eps[0].mean() < 0 < eps[1].mean()  # steered towards class 0 (larger sum) and class 1 (smaller sum)
+
+
+@pytest.mark.parametrize("run", ["sample", "sample_guided", "partial", "sde"])
+def test_wrap_sees_every_network_call_of_every_sampling_path(tiny_model, run):
+    seen = []
+
+    def wrap(network):
+        def counted(x, t, **kw):
+            seen.append(x.shape[0])
+            return network(x, t, **kw)
+        return counted
+
+    if run == "sample":
+        res = sample(tiny_model, "heun", 4, batch=2, wrap=wrap)
+    elif run == "sample_guided":
+        res = sample(tiny_model, "dpmpp_2m", 4, batch=2, guidance=2.0, wrap=wrap)
+    elif run == "partial":
+        res = sample_from(tiny_model, torch.zeros(2, 1, 8, 8), 400, "ddim", 3, wrap=wrap)
+    else:
+        res = sde.sample_sde(tiny_model, "predictor_corrector", 4, batch=2, wrap=wrap)
+    per_call = 2 if run == "sample_guided" else 1
+    assert len(seen) * per_call == res.record.nfe
+    assert set(seen) == {2 * per_call}
+
+
+def test_a_wrapped_network_changes_the_result(tiny_model):
+    base = sample(tiny_model, "ddim", 3, batch=2)
+    halved = sample(tiny_model, "ddim", 3, batch=2, wrap=lambda net: (lambda x, t, **kw: 0.5 * net(x, t, **kw)))
+    assert not torch.allclose(base.samples, halved.samples)
+
+
+def test_check_finite_names_the_run():
+    Denoiser.check_finite(torch.zeros(2), "ddim")
+    with pytest.raises(SamplingError, match=r"ddim: non-finite values \(NaN/inf\) after step 3"):
+        Denoiser.check_finite(torch.tensor([0.0, float("nan")]), "ddim", "after step 3")
+
+
+def test_sample_takes_its_initial_noise_and_refuses_a_wrong_shape(tiny_model):
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    res = sample(tiny_model, "ddim", 3, batch=2, x_T=x_T, seed=123)
+    assert torch.equal(res.x_T, x_T)
+    with pytest.raises(SamplingError, match=r"x_T must have shape \(2, 1, 8, 8\)"):
+        sample(tiny_model, "ddim", 3, batch=2, x_T=torch.zeros(3, 1, 8, 8))
