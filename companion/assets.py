@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.request
 from pathlib import Path
+
 from .errors import AssetError  # noqa: F401  (raised here; defined with the others)
 
 CARD = "companion.json"
 ENV_VAR = "COMPANION_ASSETS"
-
+HUB_TIMEOUT_S = 5.0  # how long an optional download waits for the Hugging Face Hub to answer
 
 
 def assets_dir() -> Path:
@@ -115,3 +117,28 @@ def status() -> list[dict]:
         size = sum(m["bytes"] for m in card.get("files", {}).values())
         rows.append({"name": name, "kind": card.get("kind", "?"), "bytes": size, "sha256": ok})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optional downloads from the Hugging Face Hub (models and data sets)
+# ---------------------------------------------------------------------------------------------------------
+def hub_unavailable(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face Hub can be used now, else why not (HF_HUB_OFFLINE, or no answer in ``timeout`` s).
+
+    The one check behind every optional download (data sets in :func:`companion.data.hub_dataset`, models in
+    :func:`companion.models.from_hub`), so that offline they fail fast with a reason instead of hanging.
+    """
+    from huggingface_hub import constants  # optional: only a download needs it
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_reachable(constants.ENDPOINT, timeout)
+
+
+def _hub_reachable(endpoint: str, timeout: float) -> str | None:
+    """None when ``endpoint`` answers within ``timeout`` seconds, else the reason it does not."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+        return None
+    except Exception as e:  # URLError, timeouts, DNS failures: all mean "not reachable now"
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"

@@ -1,11 +1,14 @@
 """The ``companion`` command: ``lab``, ``run-notebooks``, ``info``, ``train``, ``bench``.
 
-Every sub-command has ``--help``. Problems the user can fix (a missing folder, a busy port, a device
-that is not there) end with one line naming the problem and the fix, and a non-zero exit code.
+Every command-line part of the companion lives here; the work itself is done by the modules it calls
+(:mod:`companion.recipes` for ``train``, :mod:`companion.bench` for ``bench``). Every sub-command has
+``--help``. Problems the user can fix (a missing folder, a busy port, a device that is not there) end with one
+line naming the problem and the fix, and a non-zero exit code.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import secrets
@@ -14,7 +17,21 @@ import socket
 import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import assets, bench, recipes
+from .device import DeviceError, pick_device
+from .errors import ModelError
+from .features import KIND as FEATURES_KIND
+from .models import load
+from .oracle import toy_mixture
+from .orders import convergence_order
+from .plots import html_report
+from .train import TRAIN_THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NOTEBOOKS = ROOT / "notebooks"
@@ -26,8 +43,6 @@ class CliError(Exception):
 
 # ----------------------------------------------------------------------------- info
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -35,11 +50,6 @@ def _version(dist: str) -> str:
 
 
 def info_dict(device: str | None = None) -> dict:
-    import torch
-
-    from . import assets
-    from .device import pick_device
-
     dev = pick_device(device)
     packages = ["torch", "diffusers", "torchmetrics", "numpy", "scipy", "pandas", "plotly", "ipywidgets",
                 "anywidget", "jupyterlab", "nbval", "scikit-learn", "scikit-image"]
@@ -176,8 +186,6 @@ def static_view(nb):
     the widget manager from a CDN (nothing shows offline). Where an output also carries a static
     ``text/html`` or image representation (the companion's panels always do), keep that one instead.
     """
-    import copy
-
     nb = copy.deepcopy(nb)
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -257,6 +265,160 @@ def cmd_run_notebooks(args) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------- train
+def add_train(subparsers) -> argparse.ArgumentParser:
+    """Add ``companion train NAME [--steps N] [--out DIR] [--resume] [--seed S]`` and ``companion train --list``.
+
+    The sub-command's handler is stored as ``func`` and returns an int exit code.
+    """
+    p = subparsers.add_parser("train", help="train a bundled model from its recipe",
+                              description="Train a bundled model (or a group of them) from its recipe: companion train NAME.")
+    p.add_argument("name", nargs="?", help=f"recipe name: {', '.join(recipes.RECIPES)}")
+    p.add_argument("--list", action="store_true", help="list the recipes")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--out", default=None, help="output folder (default: assets/models/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint/")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for torch (default {TRAIN_THREADS}; $COMPANION_TRAIN_THREADS); use all cores on an idle machine")
+    p.add_argument("--no-measure", action="store_true", help="skip the quality measurement")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args) -> int:
+    if args.list or not args.name:
+        for r in recipes.RECIPES.values():
+            print(f"{r.name:18s} {r.steps:6d} steps  {r.description}")
+        for g, members in recipes.GROUPS.items():
+            print(f"{g:18s} {'group':>6s}        runs {', '.join(members)} in order")
+        return 0 if args.list else 2
+    if args.name not in recipes.RECIPES and args.name not in recipes.GROUPS:
+        print(f"unknown recipe {args.name!r}; valid recipes: {', '.join([*recipes.RECIPES, *recipes.GROUPS])}", file=sys.stderr)
+        return 2
+    try:
+        if args.name in recipes.GROUPS:
+            outs = recipes.run_group(args.name, steps=args.steps, out_dir=args.out, resume=args.resume, seed=args.seed,
+                             measure=not args.no_measure, threads=args.threads)
+        else:
+            outs = [recipes.run_recipe(args.name, steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
+                               measure=not args.no_measure, threads=args.threads)]
+    except (FileNotFoundError, ValueError, ModelError, assets.AssetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for out in outs:
+        card = assets.read_card(out)
+        keys = (("recipe", "steps", "train_time_s", "final_loss", "test_accuracy") if card.get("kind") == FEATURES_KIND
+                else ("recipe", "training_steps", "training_seconds", "final_loss", "quality"))
+        print(json.dumps({k: card.get(k) for k in keys}, indent=2))
+        print(f"saved to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def _csv(text: str, cast=str, what: str = "value") -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s, got {text!r}")
+    out = []
+    for t in items:
+        if cast is not str and t.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(cast(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{t!r} is not a valid {what}") from None
+    return out
+
+
+def add_bench(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` (:func:`companion.bench.sweep` from the command line); its handler returns an exit code."""
+    p = subparsers.add_parser("bench", help="speed/quality sweep of samplers on a bundled model (CSV + HTML report)",
+                              description="Sample with every sampler x step count, measure speed and quality, "
+                                          "write bench.csv and an offline interactive report.html.")
+    p.add_argument("--model", required=True, help="bundled model name or asset folder (see `companion info`)")
+    p.add_argument("--samplers", required=True, type=lambda s: _csv(s, str, "sampler"), help="comma-separated, e.g. ddim,dpmpp_2m")
+    p.add_argument("--steps", required=True, type=lambda s: _csv(s, int, "step count"), help="comma-separated, e.g. 5,10,20,50")
+    p.add_argument("--guidance", type=lambda s: _csv(s, float, "guidance scale"), default=[None],
+                   help="comma-separated classifier-free guidance scales ('none' = unguided)")
+    p.add_argument("--spacing", type=lambda s: _csv(s, str, "spacing"), default=None,
+                   help="comma-separated timestep spacings to compare (default: each sampler's own)")
+    p.add_argument("--seeds", type=lambda s: _csv(s, int, "seed"), default=[0], help="comma-separated seeds")
+    p.add_argument("--n-samples", type=int, default=bench.DEFAULT_N_SAMPLES,
+                   help=f"samples per run (default {bench.DEFAULT_N_SAMPLES})")
+    p.add_argument("--metrics", type=lambda s: _csv(s, str, "metric"), default=list(bench.DEFAULT_METRICS),
+                   help=f"comma-separated, from {','.join(bench.ALL_METRICS)}")
+    p.add_argument("--cache-dir", default=None, help="run cache (default: <out>/cache)")
+    p.add_argument("--out", required=True, help="output folder for bench.csv and report.html")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args) -> int:
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create output folder {out}: {e}", file=sys.stderr)
+        return 2
+    try:
+        model = load(args.model, device=args.device)
+        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
+        t0 = time.perf_counter()
+        df = bench.sweep(model, args.samplers, args.steps, args.guidance, modes, args.seeds, n_samples=args.n_samples,
+                   metrics=args.metrics, cache_dir=args.cache_dir or out / "cache", progress=not args.no_progress)
+    except (ModelError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    df.to_csv(out / "bench.csv", index=False)
+    html_report(df, out / "report.html", title=f"companion bench: {model.name}")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(bench.summary_table(df).to_string(index=False))
+    print(f"\n{len(df)} runs ({int(df['cached'].sum())} from cache) in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {out / 'bench.csv'} and {out / 'report.html'}")
+    return 0
+
+
+def add_order(subparsers) -> argparse.ArgumentParser:
+    """Add ``order``: measured convergence orders of deterministic samplers on an exact-score Gaussian mixture."""
+    p = subparsers.add_parser("order", help="measured convergence order of deterministic samplers on a Gaussian mixture",
+                              description="Error inside the trajectory against a DOP853 reference from the same noise, "
+                                          "and the fitted order (see docs/dpmpp-3m-order.md).")
+    p.add_argument("samplers", nargs="+", help="registry names, e.g. ddim dpmpp_2m dpmpp_3m dpmpp_3m_corrected")
+    p.add_argument("--steps", type=lambda s: _csv(s, int, "step count"), default=[200, 250, 500, 1000],
+                   help="comma-separated step counts that divide 1000 (default 200,250,500,1000)")
+    p.add_argument("--t-stop", type=int, default=199, help="timestep inside the trajectory where the error is measured")
+    p.add_argument("--dim", type=lambda s: _csv(s, int, "dimension"), default=[1, 4, 4],
+                   help="sample shape of the mixture, e.g. 2 or 1,8,8 (default 1,4,4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.set_defaults(func=cmd_order)
+    return p
+
+
+def cmd_order(args) -> int:
+    model = toy_mixture(tuple(args.dim), seed=args.seed)
+    rows = []
+    try:
+        for name in args.samplers:
+            r = convergence_order(name, model=model, steps=args.steps, t_stop=args.t_stop, seed=args.seed, batch=args.batch)
+            rows.append(r)
+            if not args.json:
+                errs = "  ".join(f"N={n}: {e:.3e}" for n, e in zip(r["steps"], r["errors"]))
+                print(f"{name:22s} order {r['order']:.2f}   {errs}", flush=True)
+    except ValueError as e:  # unknown or stochastic sampler, a grid that misses t_stop
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="companion", description="Efficient Diffusion Companion: measured, interactive chapters on efficient diffusion models.")
@@ -283,16 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the outputs of cells marked NBVAL_CHECK_OUTPUT back into the notebooks (all other outputs stripped)")
     s.set_defaults(func=cmd_run_notebooks)
 
-    from . import bench, train
-
-    train.add_cli(sub)
-    bench.add_cli(sub)
+    add_train(sub)
+    add_bench(sub)
+    add_order(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .device import DeviceError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

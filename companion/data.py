@@ -18,11 +18,17 @@ Images are float32 tensors of shape (N, C, H, W) with values in [-1, 1]; labels 
 """
 from __future__ import annotations
 
+import colorsys
+import io
+import os
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .assets import HUB_TIMEOUT_S, hub_unavailable
+from .device import generator
 from .errors import DataUnavailable  # noqa: F401  (raised here; defined with the others)
 
 DIGITS_SIZES = (8, 16, 32)
@@ -167,8 +173,6 @@ class GaussianMixture:
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """``n`` exact samples (float64 (n, D)), reproducible from ``seed``."""
-        from .device import generator
-
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         g = generator(seed)
@@ -252,8 +256,6 @@ def _inside(kind: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np
 
 
 def _hsv_to_rgb(h, s, v):
-    import colorsys
-
     return np.array([colorsys.hsv_to_rgb(a, b, c) for a, b, c in zip(h, s, v)], dtype=np.float32)
 
 
@@ -313,6 +315,25 @@ def shapes(split: str = "train", size: int = 32) -> tuple[torch.Tensor, torch.Te
     return x.clone(), y.clone()
 
 
+IMAGE_SETS = ("digits", "shapes")
+
+
+def images(name: str, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The image set ``name`` (``"digits"`` or ``"shapes"``) at ``size`` pixels: what a recipe trains on.
+
+    Shapes below 32 pixels are 2x2 (4x4, ...) average-pooled 32x32 images rather than scenes rendered at that
+    size, so a low-resolution base model and the super-resolution stage above it see the same scenes.
+    """
+    if name == "digits":
+        return digits(size, split)
+    if name == "shapes":
+        x, y = shapes(split, 32)
+        if size != 32:
+            x = F.avg_pool2d(x, 32 // size)
+        return x, y
+    raise ValueError(f"unknown image set {name!r}; valid: {', '.join(IMAGE_SETS)}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # optional: standard data sets from the Hugging Face Hub (needs the network the first time)
 # ---------------------------------------------------------------------------------------------------------
@@ -321,39 +342,9 @@ HUB_DATASETS = {
     "mnist": ("ylecun/mnist", {"train": "mnist/train-00000-of-00001.parquet", "test": "mnist/test-00000-of-00001.parquet"}, "image"),
     "cifar10": ("uoft-cs/cifar10", {"train": "plain_text/train-00000-of-00001.parquet", "test": "plain_text/test-00000-of-00001.parquet"}, "img"),
 }
-HUB_TIMEOUT_S = 5.0
-
-
-
-def hub_unavailable(timeout: float) -> str | None:
-    """None when the Hugging Face Hub can be used now, else why not (HF_HUB_OFFLINE, or no answer in ``timeout`` s).
-
-    The one check behind every optional download (data sets here, models in :func:`companion.models.load`), so
-    that offline they fail fast with a reason instead of hanging.
-    """
-    import os
-
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    return _hub_reachable(constants.ENDPOINT, timeout)
-
-
-def _hub_reachable(endpoint: str, timeout: float) -> str | None:
-    """None when ``endpoint`` answers within ``timeout`` seconds, else the reason it does not."""
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
-        return None
-    except Exception as e:  # URLError, timeouts, DNS failures: all mean "not reachable now"
-        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
 def _hub_file(repo: str, filename: str, timeout: float) -> str:
-    import os
-
     from huggingface_hub import constants, hf_hub_download
 
     try:  # a cached copy works offline
@@ -380,8 +371,6 @@ def hub_dataset(name: str, split: str = "train", *, timeout: float = HUB_TIMEOUT
     offline it raises :class:`DataUnavailable` within about ``timeout`` seconds instead of hanging.
     Reading parquet needs ``pyarrow`` (``pip install pyarrow``).
     """
-    import io
-
     _check_choice("name", name, tuple(HUB_DATASETS))
     _check_choice("split", split, ("train", "test"))
     repo, files, column = HUB_DATASETS[name]

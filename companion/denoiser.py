@@ -176,11 +176,14 @@ def check_args(model, spec, steps, guidance, eta, class_labels, classifier, clas
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n_train:
         raise SamplingError(f"steps must be an int in [1, {n_train}] (the model's training steps), got {steps!r}")
     if steps < spec.min_steps:
-        raise SamplingError(f"sampler {spec.key!r} needs at least {spec.min_steps} steps (got {steps}): "
-                            f"its Runge-Kutta warm-up alone takes 3; use 'plms' for fewer steps")
+        raise SamplingError(f"sampler {spec.key!r} needs at least {spec.min_steps} steps (got {steps}): {spec.steps_reason}")
+    if spec.max_steps is not None and steps > spec.max_steps:
+        raise SamplingError(f"sampler {spec.key!r} takes at most {spec.max_steps} steps (got {steps}): {spec.steps_reason}")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise SamplingError(f"batch must be a positive int, got {batch!r}")
     if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+            raise SamplingError(f"guidance must be a number (the classifier-free guidance scale) or None, got {guidance!r}")
         if not getattr(model, "conditional", False):
             raise SamplingError(
                 f"guidance={guidance} needs a class-conditional model; {getattr(model, 'name', 'this model')!r} is unconditional "
@@ -192,8 +195,11 @@ def check_args(model, spec, steps, guidance, eta, class_labels, classifier, clas
         if not spec.has_eta:
             with_eta = [s.key for s in registry.REGISTRY.values() if s.has_eta]
             raise SamplingError(f"sampler {spec.key!r} has no eta parameter; samplers with eta: {', '.join(with_eta)}")
-        if not 0.0 <= float(eta) <= 1.0:
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= float(eta) <= 1.0:
             raise SamplingError(f"eta must lie in [0, 1], got {eta!r}")
+    if classifier_scale is not None and (isinstance(classifier_scale, bool) or not isinstance(classifier_scale, numbers.Real)
+                                         or not math.isfinite(float(classifier_scale))):
+        raise SamplingError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
     if classifier is None and classifier_scale is not None:
         raise SamplingError("classifier_scale given without classifier=")
     if classifier is not None and class_labels is None:
@@ -204,13 +210,28 @@ def check_args(model, spec, steps, guidance, eta, class_labels, classifier, clas
         raise SamplingError(f"model {model.name!r} is a super-resolution stage: pass cond=<low-resolution images of shape {model.cond_shape}>")
 
 
+SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds; a run also uses seed + 1 (a stochastic sampler's stream)
+
+
+def check_seed(seed) -> int:
+    """A seed as a plain int: any integer type (Python, numpy, a 0-d integer tensor) in [0, 2**63 - 2]."""
+    if torch.is_tensor(seed) and seed.ndim == 0 and not seed.is_floating_point() and seed.dtype != torch.bool:
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) <= SEED_MAX:
+        raise SamplingError(f"seed must be an int in [0, 2**63 - 2], got {seed!r}")
+    return int(seed)
+
+
 def resolve_labels(model, class_labels, batch: int, device) -> torch.Tensor | None:
     """The (B,) labels to sample with: given ones checked, or one of each class cycling for a conditional model."""
     if class_labels is None:
         if not getattr(model, "conditional", False):
             return None
         return (torch.arange(batch) % model.num_classes).to(device)
-    y = torch.as_tensor(class_labels, dtype=torch.long)
+    y = torch.as_tensor(class_labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise SamplingError(f"class_labels must be integers (class indices), got {y.dtype} values {y.flatten()[:6].tolist()}")
+    y = y.long()
     if y.ndim == 0:
         y = y.expand(batch)
     if y.shape != (batch,):
@@ -333,7 +354,12 @@ class Denoiser:
         """(images, samples) of a final state, on the CPU in float32: a latent model's samples are decoded (timed
         as network work), a pixel model's samples are its images."""
         samples = x.to(torch.float32)
-        images = self.timed(lambda: self.model.decode(samples)) if getattr(self.model, "is_latent", False) else samples
+        if getattr(self.model, "is_latent", False):
+            images = self.timed(lambda: self.model.decode(samples))
+            self.check_finite(images, f"the decoder of {getattr(self.model, 'name', 'the latent model')!r}",
+                              "in the decoded images (the latents were finite)")
+        else:
+            images = samples
         images = images.detach().to("cpu", torch.float32)
         samples = samples.detach().cpu()
         self.sync()

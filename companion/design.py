@@ -1,8 +1,9 @@
 """Model design: what a network's architecture costs per evaluation, and where that cost sits.
 
 Chapter 04b compares variants of the digits UNet that differ in one design lever each (width, depth,
-attention placement; recipes ``digits-design-*`` in :mod:`companion.train`). This module measures the
-architecture side of that comparison; quality comes from :func:`companion.bench.sweep` as everywhere else.
+attention placement). :data:`DESIGN_VARIANTS` names the levers; :mod:`companion.recipes` turns each into a
+recipe ``digits-design-*`` trained at the same budget. This module measures the architecture side of that
+comparison; quality comes from :func:`companion.bench.sweep` as everywhere else.
 
 * :func:`architecture_profile`: parameters, FLOPs of one evaluation for one sample (torch's
   ``FlopCounterMode``) split into convolutions, attention and the rest, and where the attention layers sit.
@@ -21,8 +22,21 @@ import time
 import torch
 
 from .bench import example_inputs, flop_counter
-from .train import DESIGN_VARIANTS
 
+# The variants of the digits-cond UNet, each differing in one design lever (given as keyword arguments of
+# companion.recipes.unet_config). Their recipes train them with the same data, seed, batch, schedule and number
+# of steps, so quality and cost differences come from the architecture. "base" is the digits-cond layout
+# (32-64-64 channels, one ResNet layer per level, self-attention at 4x4 and in the middle block).
+DESIGN_VARIANTS: dict[str, tuple[str, dict]] = {
+    "base": ("the digits-cond layout: 32-64-64 channels, 1 layer per level, attention at 4x4 and in the middle",
+             dict(channels=(32, 64, 64))),
+    "narrow": ("half the width: 16-32-32 channels", dict(channels=(16, 32, 32))),
+    "deep": ("twice the depth: 2 ResNet layers per level", dict(channels=(32, 64, 64), layers=2)),
+    "noattn": ("no self-attention anywhere (convolutions only)",
+               dict(channels=(32, 64, 64), attn=(False, False, False), mid_attn=False)),
+    "attn8": ("attention moved up one level as well: at 8x8 and 4x4 and in the middle",
+              dict(channels=(32, 64, 64), attn=(False, True, True))),
+}
 DESIGN_MODELS = tuple(f"digits-design-{k}" for k in DESIGN_VARIANTS)
 
 # an attention layer of a diffusers UNet block (its q/k/v/out projections and the attention product itself)

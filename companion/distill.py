@@ -1,11 +1,13 @@
 """Few-step students distilled from a bundled teacher: progressive and consistency distillation.
 
-Both recipes run through ``companion train`` (:mod:`companion.train`: progress bar, EMA, fixed seeds,
-resumable checkpoints, asset cards). Students are ordinary :class:`~companion.models.DiffusionModel` s that
-output v instead of eps (``prediction="v_prediction"``): at the noisiest timestep of the linear schedule
-alpha = sqrt(abar) ~ 0.006, so an eps-network would have to be 160x more precise than its x0 estimate
-needs to be; with v, x0 = alpha x_t - sigma v is well conditioned everywhere. They start from the teacher's
-weights (read as v, its eps output is already a fair first guess: eps_v = sigma x_t + alpha eps_teacher).
+Both are training tasks of :mod:`companion.train` (progress bar, EMA, fixed seeds, resumable checkpoints,
+asset cards); their recipes (``digits-pd-*``, the group ``digits-pd`` and ``digits-cd``) are data in
+:mod:`companion.recipes` and run with ``companion train``. Students are ordinary
+:class:`~companion.models.DiffusionModel` s that output v instead of eps (``prediction="v_prediction"``): at
+the noisiest timestep of the linear schedule alpha = sqrt(abar) ~ 0.006, so an eps-network would have to be
+160x more precise than its x0 estimate needs to be; with v, x0 = alpha x_t - sigma v is well conditioned
+everywhere. They start from the teacher's weights (read as v, its eps output is already a fair first guess:
+eps_v = sigma x_t + alpha eps_teacher).
 
 * **Progressive distillation** (Salimans & Ho, arXiv 2202.00512): a student learns to take in ONE step of
   the deterministic Euler/DDIM sampler what its teacher does in TWO, so the step count halves per stage
@@ -26,9 +28,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers import LCMScheduler
 
 from . import samplers, train
-from .models import DiffusionModel, ModelError, load
+from .errors import ModelError
+from .models import DiffusionModel, load
 
 PD_STAGES = (32, 16, 8, 4, 2, 1)
 PD_TEACHER_STEPS = 64  # the first stage imitates the teacher at 64 Euler steps
@@ -68,7 +72,7 @@ def pd_target(x_ve: torch.Tensor, x_end: torch.Tensor, s0: torch.Tensor, s_end: 
     return x_ve - s0 * (x_end - x_ve) / (s_end - s0)
 
 
-class _StudentTask(train._Task):
+class _StudentTask(train.Task):
     """Common part: load the teacher, start the student from its weights, save the student as a v-model."""
 
     method = ""
@@ -140,8 +144,6 @@ class ConsistencyDistillation(_StudentTask):
 
     def __init__(self, rec, cfg):
         super().__init__(rec, cfg)
-        from diffusers import LCMScheduler
-
         self.lcm = LCMScheduler.from_config(self.teacher.scheduler_config, original_inference_steps=CD_GRID)
         self.abar = self.lcm.alphas_cumprod.to(torch.float32)
         self.skip = self.teacher.num_train_timesteps // CD_GRID
@@ -179,75 +181,3 @@ class ConsistencyDistillation(_StudentTask):
             target = self.consistency(self.target, x_prev, t_prev, labels)
         return ((self.consistency(self.net, x_t, t, labels) - target) ** 2).mean()
 
-
-def _recipes() -> list:
-    common = dict(data="digits", size=16, class_dropout=0.1, batch=64, lr=2e-4, ema=0.99, warmup=20)
-    out = []
-    teacher = "digits-cond"
-    for n in PD_STAGES:
-        out.append(train.Recipe(
-            pd_name(n),
-            f"progressive distillation stage: {n}-step Euler student of {teacher} at {2 * n} steps",
-            "progressive-distillation", dict(common, teacher=teacher, student_steps=n), steps=300, seed=0,
-            depends_on=(teacher,)))
-        teacher = pd_name(n)
-    out.append(train.Recipe(
-        "digits-cd", "consistency distillation of digits-cond: 1-4 step LCM sampling", "consistency-distillation",
-        dict(common, teacher="digits-cond", student_steps=1, target_ema=0.95), steps=2000, seed=0,
-        depends_on=("digits-cond",)))
-    return out
-
-
-RECIPES = {r.name: r for r in _recipes()}
-TASKS = {"progressive-distillation": ProgressiveStage, "consistency-distillation": ConsistencyDistillation}
-# `companion train digits-pd` runs every progressive stage in order (each stage is its own resumable recipe)
-GROUPS = {"digits-pd": [pd_name(n) for n in PD_STAGES]}
-
-
-class TeacherDistance:
-    """Per-run quality for students: RMS distance to the teacher's converged ODE solution from the same noise.
-
-    A progressive student imitates its teacher's deterministic sampler, a consistency student maps noise to
-    the end of the teacher's ODE trajectory; both aim at the same image for the same x_T, so this distance
-    measures how well they learned it (on the teacher itself it is the discretisation error). Multistep LCM
-    sampling re-noises between steps, so it is not expected to reach zero. References are cached.
-    """
-
-    def __init__(self, teacher, reference_sampler: str = "unipc", reference_steps: int = 200):
-        self.teacher, self.reference_sampler, self.reference_steps = teacher, reference_sampler, reference_steps
-        self.label = f"distance to the teacher's {reference_steps}-step {reference_sampler} sample (RMS, lower is better)"
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, model, result, sample_kwargs: dict | None = None) -> float:
-        from .sampling import sample
-
-        rec = result.record
-        labels = result.class_labels
-        key = (rec.seed, rec.batch, rec.guidance, None if labels is None else tuple(int(v) for v in labels))
-        if key not in self._cache:
-            self._cache[key] = sample(self.teacher, self.reference_sampler, self.reference_steps, seed=rec.seed,
-                                      batch=rec.batch, class_labels=labels, guidance=rec.guidance).samples
-        return float((result.samples.float() - self._cache[key].float()).pow(2).mean().sqrt())
-
-
-@torch.no_grad()
-def _q_student(model, progress):
-    """FD (features-digits, 500 samples, 50 per class) and class accuracy at the student's own step count."""
-    from . import metrics
-    from .sampling import sample
-
-    kw = student_sampling(model)
-    labels = torch.arange(10).repeat_interleave(50)
-    imgs = torch.cat([sample(model, **kw, seed=1 + i, batch=100, class_labels=labels[j : j + 100]).images
-                      for i, j in enumerate(range(0, len(labels), 100))]).clamp(-1, 1)
-    return {"sampler": f"{kw['sampler']}, {kw['steps']} step(s)", "n_samples": len(labels),
-            "fd_features_digits": train._m(metrics.frechet_distance(imgs, "train", feature="features-digits")),
-            "features_digits_accuracy": train._m(metrics.class_accuracy(imgs, labels, feature="features-digits"))}
-
-
-QUALITY = {name: _q_student for name in RECIPES}
-
-train.RECIPES.update(RECIPES)
-train._TASKS.update(TASKS)
-train.QUALITY.update(QUALITY)
-train.GROUPS.update(GROUPS)

@@ -7,24 +7,26 @@ in its penultimate layer. Numbers are comparable only between runs that use the 
 
 A feature network is a diffusers ``ModelMixin, ConfigMixin`` class, so ``save_pretrained`` writes
 safetensors + config; the folder's card (kind ``"features"``) records the recipe, seed, steps, time and
-test accuracy. Load with :func:`load_feature_net` or ``companion.models.load(name)``.
+test accuracy. Load with :func:`load_feature_net` or ``companion.models.load(name)``. The recipes
+(``features-digits``, ``features-shapes``: data, network, optimisation, steps, seed) are data in
+:mod:`companion.recipes`, like every other bundled model's; ``companion train features-digits`` runs
+:func:`train_feature_net` with one.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from tqdm.auto import tqdm
 
-from . import assets
-from .models import ModelError, register_kind
+from . import assets, data
+from .errors import ModelError
 
 KIND = "features"
 
@@ -86,43 +88,7 @@ class FeatureNet(ModelMixin, ConfigMixin):
         return torch.cat(feats), torch.cat(logits)
 
 
-# --------------------------------------------------------------------------------------------- recipes
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    dataset: str  # "digits" or "shapes"
-    data: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
-    config: dict
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 2e-3
-    seed: int = 0
-    shift: int = 1  # random translation (pixels) used as augmentation, so generated digits slightly off-centre still classify
-
-
-def _digits_data(split: str):
-    from .data import digits
-
-    return digits(16, split)
-
-
-def _shapes_data(split: str):
-    from . import data
-
-    if not hasattr(data, "shapes"):
-        raise ModelError("companion.data.shapes is not available in this version: cannot train features-shapes")
-    return data.shapes(split)
-
-
-RECIPES = {
-    "features-digits": Recipe("features-digits", "digits", _digits_data,
-                              dict(in_channels=1, image_size=16, num_classes=10, widths=(32, 64, 64), feature_dim=64)),
-    "features-shapes": Recipe("features-shapes", "shapes", _shapes_data,
-                              dict(in_channels=3, image_size=32, num_classes=None, widths=(32, 64, 128), feature_dim=64),
-                              steps=800),
-}
-
-
+# --------------------------------------------------------------------------------------------- training
 def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
     if max_shift <= 0:
         return x
@@ -138,38 +104,36 @@ def accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor) -> flo
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def train_feature_net(name: str = "features-digits", out: str | Path | None = None, *, steps: int | None = None,
-                      seed: int | None = None, progress: bool = True) -> FeatureNet:
-    """Train a bundled feature network on the TRAIN split (fixed seed) and save it with its card.
+def train_feature_net(name: str, config: dict, out: str | Path | None = None, *, steps: int, seed: int = 0,
+                      progress: bool = True) -> FeatureNet:
+    """Train a feature network on the TRAIN split (fixed seed) and save it with its card.
 
-    ``name``: one of :data:`RECIPES`. ``out``: target folder (default ``assets/models/<name>``).
+    ``config`` (a recipe's, see :mod:`companion.recipes`): ``data`` (an image set of
+    :func:`companion.data.images`), ``size``, ``net`` (:class:`FeatureNet` arguments; ``num_classes=None``:
+    as many as the data has), ``batch``, ``lr`` and ``shift`` (random translation in pixels, so generated
+    digits slightly off-centre still classify). ``out``: target folder (default ``assets/models/<name>``).
     Returns the trained network (eval mode). The card records recipe, seed, steps, time and test accuracy.
     """
-    from tqdm.auto import tqdm
-
-    if name not in RECIPES:
-        raise ValueError(f"unknown feature network {name!r}; choose one of {', '.join(sorted(RECIPES))}")
-    r = RECIPES[name]
-    steps = r.steps if steps is None else int(steps)
-    seed = r.seed if seed is None else int(seed)
+    steps, seed = int(steps), int(seed)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    x_train, y_train = r.data("train")
-    x_test, y_test = r.data("test")
-    config = dict(r.config)
-    if config["num_classes"] is None:
-        config["num_classes"] = int(y_train.max()) + 1
+    batch, lr, shift = config["batch"], config["lr"], config["shift"]
+    x_train, y_train = data.images(config["data"], config["size"], "train")
+    x_test, y_test = data.images(config["data"], config["size"], "test")
+    net_config = dict(config["net"])
+    if net_config["num_classes"] is None:
+        net_config["num_classes"] = int(y_train.max()) + 1
     torch.manual_seed(seed)
-    net = FeatureNet(**config)
+    net = FeatureNet(**net_config)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False):
-        idx = torch.randint(0, len(x_train), (r.batch_size,), generator=g)
-        xb = _random_shift(x_train[idx], r.shift, g)
+        idx = torch.randint(0, len(x_train), (batch,), generator=g)
+        xb = _random_shift(x_train[idx], shift, g)
         _, logits = net(xb)
         loss = F.cross_entropy(logits, y_train[idx])
         opt.zero_grad(set_to_none=True)
@@ -183,9 +147,9 @@ def train_feature_net(name: str = "features-digits", out: str | Path | None = No
     folder.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(folder / "net", safe_serialization=True)
     assets.write_card(folder, {
-        "kind": KIND, "name": name, "dataset": r.dataset, "recipe": "companion.features.train_feature_net",
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-        "seed": seed, "steps": steps, "batch_size": r.batch_size, "lr": r.lr, "augmentation": f"random shift +-{r.shift} px",
+        "kind": KIND, "name": name, "dataset": config["data"], "recipe": "companion.features.train_feature_net",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items()},
+        "seed": seed, "steps": steps, "batch_size": batch, "lr": lr, "augmentation": f"random shift +-{shift} px",
         "train_split": "train", "n_train": len(x_train), "train_time_s": round(train_s, 2),
         "final_loss": round(float(loss.detach()), 4), "test_accuracy": round(test_acc, 4), "n_test": len(x_test),
         "torch_threads": torch.get_num_threads(),
@@ -211,9 +175,6 @@ def load_feature_folder(folder: str | Path, *, verify: bool = True) -> FeatureNe
     return net
 
 
-register_kind(KIND, load_feature_folder)
-
-
 @lru_cache(maxsize=8)
 def load_feature_net(name: str = "features-digits") -> FeatureNet:
     """A bundled feature network by name (``features-digits``, ``features-shapes``) or asset folder path.
@@ -225,7 +186,7 @@ def load_feature_net(name: str = "features-digits") -> FeatureNet:
         folder = Path(name).expanduser()
     if not (folder / assets.CARD).is_file():
         known = sorted(n for n, c in assets.manifest().items() if c.get("kind") == KIND)
-        hint = f"; train it with `companion train {name}`" if name in RECIPES else ""
+        hint = "; train a feature network with `companion train NAME` (`companion train --list` names them)"
         raise ModelError(f"unknown feature network {name!r}; bundled: {', '.join(known) or '(none)'}{hint}")
     return load_feature_folder(folder)
 

@@ -151,13 +151,13 @@ class Reference:
 _REFERENCES: dict[tuple, Reference] = {}
 
 
-def _real_data(dataset: str, split: str):
+REFERENCE_SIZES = {"digits": 16, "shapes": 32}  # the resolution each feature network measures at
 
-    if dataset == "digits":
-        return data.digits(16, split)
-    if dataset == "shapes":
-        return data.shapes(split)
-    raise ValueError(f"no real data set {dataset!r} for reference statistics; valid: digits, shapes")
+
+def _real_data(dataset: str, split: str):
+    if dataset not in REFERENCE_SIZES:
+        raise ValueError(f"no real data set {dataset!r} for reference statistics; valid: {', '.join(REFERENCE_SIZES)}")
+    return data.images(dataset, REFERENCE_SIZES[dataset], split)
 
 
 def reference(feature: str = "features-digits", split: str = "train", images: torch.Tensor | None = None,

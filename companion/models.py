@@ -11,18 +11,22 @@ nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import torch
 import torch.nn.functional as F
 
-from . import assets
-from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
+from . import assets, features, nets
+from .assets import HUB_TIMEOUT_S, hub_unavailable
+from .device import pick_device
 from .errors import ModelError  # noqa: F401  (raised here; defined with the others)
-
+from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
 
 
 
@@ -205,8 +209,6 @@ class DiffusionModel(torch.nn.Module):
         ``weights_dtype=torch.float16`` stores the network's weights in half precision (half the size on disk;
         they are loaded back as float32).
         """
-        import copy
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         unet = self.unet if weights_dtype is None else torch.nn.Module.to(copy.deepcopy(self.unet), weights_dtype)
@@ -238,8 +240,6 @@ class DiffusionModel(torch.nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, verify: bool = True) -> "DiffusionModel":
-        import diffusers
-
         folder = Path(folder)
         card = assets.verify(folder) if verify else assets.read_card(folder)
         if card.get("kind") != cls.kind:
@@ -276,13 +276,14 @@ def _from_pretrained(klass, folder: Path):
     return net
 
 
+AUTOENCODER_KIND = "autoencoder"
+
+
 def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Module:
     """A bundled autoencoder (card kind ``"autoencoder"``): the diffusers ``AutoencoderKL``/``VQModel`` in ``vae/``."""
-    import diffusers
-
     folder = Path(folder)
     card = assets.verify(folder) if verify else assets.read_card(folder)
-    if card.get("kind") != "autoencoder":
+    if card.get("kind") != AUTOENCODER_KIND:
         raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not an autoencoder")
     vae = _from_pretrained(getattr(diffusers, card.get("vae_class", "AutoencoderKL")), folder / "vae")
     vae.card = card
@@ -290,27 +291,24 @@ def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Mod
     return vae
 
 
-# Loaders by card kind; other modules register theirs (e.g. classifiers) with :func:`register_kind`.
-_KIND_LOADERS: dict[str, Callable[[Path], object]] = {"diffusion": DiffusionModel.from_folder, "autoencoder": load_autoencoder}
-
-
-def register_kind(kind: str, loader: Callable[[Path], object]) -> None:
-    _KIND_LOADERS[kind] = loader
+# Every kind of asset a card can name, and the function that loads a folder of that kind. One explicit table:
+# a new kind is added here (its module is imported above), never registered by an import side effect.
+KINDS: dict[str, Callable[[Path], object]] = {
+    DiffusionModel.kind: DiffusionModel.from_folder,
+    AUTOENCODER_KIND: load_autoencoder,
+    nets.NOISY_CLASSIFIER_KIND: nets.NoisyClassifier.from_folder,
+    features.KIND: features.load_feature_folder,
+}
 
 
 def bundled_names() -> list[str]:
     return sorted(assets.manifest())
 
 
-HUB_TIMEOUT_S = 5.0
-
-
-def _check_kind_loader(folder: Path, kind) -> Callable:
-    if kind not in _KIND_LOADERS:
-        from . import features  # noqa: F401  (registers the "features" kind)
-    if kind not in _KIND_LOADERS:
-        raise ModelError(f"{folder}: unknown asset kind {kind!r}; known kinds: {', '.join(sorted(_KIND_LOADERS))}")
-    return _KIND_LOADERS[kind]
+def _kind_loader(folder: Path, kind) -> Callable:
+    if kind not in KINDS:
+        raise ModelError(f"{folder}: unknown asset kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+    return KINDS[kind]
 
 
 def _is_diffusers_folder(folder: Path) -> bool:
@@ -323,8 +321,6 @@ def from_diffusers_folder(folder: str | Path, *, name: str | None = None) -> Dif
     The folder holds ``unet/`` (a ``UNet2DModel`` in safetensors) and ``scheduler/scheduler_config.json``
     (the training schedule), or a bare UNet (``config.json`` + weights) with ``scheduler_config.json`` beside it.
     """
-    import diffusers
-
     folder = Path(folder)
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     cfg_path = unet_dir / "config.json"
@@ -366,11 +362,7 @@ def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S) -> DiffusionModel:
     uncached id raises :class:`ModelError` within about ``timeout`` seconds when the Hub is unreachable or
     ``HF_HUB_OFFLINE`` is set.
     """
-    import os
-
-    from huggingface_hub import constants, snapshot_download
-
-    from .data import hub_unavailable
+    from huggingface_hub import constants, snapshot_download  # optional: only a Hub id needs it
 
     patterns = ["*.json", "*.safetensors"]
     try:
@@ -404,16 +396,13 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
     Raises :class:`ModelError` (or :class:`companion.assets.AssetError` for a corrupted bundled file)
     naming the bad name/file and what to do.
     """
-    from . import nets  # noqa: F401  (registers the "noisy-classifier" kind)
-    from .device import pick_device
-
     text = str(name_or_path)
     folder = assets.models_dir() / text
     if not (folder / assets.CARD).is_file():
         folder = Path(text).expanduser()
     if (folder / assets.CARD).is_file():
         card = assets.read_card(folder)
-        model = _check_kind_loader(folder, card.get("kind"))(folder)
+        model = _kind_loader(folder, card.get("kind"))(folder)
     elif folder.is_dir() and _is_diffusers_folder(folder):
         model = from_diffusers_folder(folder)
     elif not folder.exists() and _looks_like_hub_id(text):

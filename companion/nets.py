@@ -1,9 +1,10 @@
 """Small classifier networks: the noise-aware classifier used by classifier guidance.
 
 :class:`NoisyClassifier` is called as ``clf(x_t, t) -> logits (B, num_classes)`` on images noised with the
-training schedule of the diffusion models (:data:`companion.models.TRAIN_SCHEDULE`) at timestep ``t``.
+training schedule of the diffusion models (:data:`companion.schedules.TRAIN_SCHEDULE`) at timestep ``t``.
 Its weights are stored in safetensors with a JSON config and a card of kind ``"noisy-classifier"``;
-``companion.models.load(name)`` returns it.
+``companion.models.load(name)`` returns it (:data:`companion.models.KINDS` maps the kind to
+:meth:`NoisyClassifier.from_folder`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from . import assets
+from .errors import ModelError
 
 NOISY_CLASSIFIER_KIND = "noisy-classifier"
 
@@ -96,8 +99,6 @@ class NoisyClassifier(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | Path, card: dict | None = None) -> dict:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
@@ -109,10 +110,6 @@ class NoisyClassifier(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, verify: bool = True) -> "NoisyClassifier":
-        from safetensors.torch import load_file
-
-        from .models import ModelError
-
         folder = Path(folder)
         card = assets.verify(folder) if verify else assets.read_card(folder)
         if card.get("kind") != cls.kind:
@@ -129,11 +126,3 @@ class NoisyClassifier(nn.Module):
         net.name = card.get("name", folder.name)
         return net.eval()
 
-
-def _register() -> None:
-    from .models import register_kind
-
-    register_kind(NOISY_CLASSIFIER_KIND, NoisyClassifier.from_folder)
-
-
-_register()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import samplers as registry
-from .denoiser import Conditioning, Denoiser, SampleResult, check_args, model_device, resolve_labels
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError
@@ -88,6 +88,7 @@ def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, samp
     elif batch is None:
         raise SamplingError("batch is required when starting from pure noise (x_start=None)")
     check_args(model, spec, steps, guidance, eta, class_labels, None, None, batch, None)
+    seed = check_seed(seed)
     n_train = int(model.scheduler_config["num_train_timesteps"])
     if stop_at is not None and not (isinstance(stop_at, (int, float)) and 0 <= stop_at <= n_train - 1):
         raise SamplingError(f"stop_at must be a timestep in [0, {n_train - 1}] or None (run the chain to the end), got {stop_at!r}")

@@ -1,15 +1,27 @@
-"""Figures: image grids (no torchvision) and plotly speed/quality figures.
+"""Rendering: image grids and their PNGs (no torchvision), HTML fragments, plotly speed/quality figures.
+
+One home for turning measured things into pictures: the chapters (:class:`companion.report.ImageRow`), the
+panels (:mod:`companion.widgets`) and the ``companion bench`` report all draw through here, so an image grid
+has one implementation (:func:`image_grid`; :func:`grid_png` is its PNG). What is *measured* (Pareto fronts,
+which metrics are higher-better, sweep tables) lives in :mod:`companion.bench`; this module imports it, never
+the other way round.
 
 Figures are built as ``plotly.graph_objects.Figure`` so callers can wrap them in ``go.FigureWidget``
 for live updates (``go.FigureWidget(fig)``).
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
-# Metrics where a larger value is better; every other metric (fd, kid, ode_distance, ...) is lower-better.
-HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "log_likelihood"})
+from .bench import HIGHER_IS_BETTER, pareto_front, pareto_mask  # noqa: F401  (public here too: figures use them)
 
 AXIS_LABELS = {
     "wall_s": "wall time per run (s)",
@@ -61,20 +73,71 @@ def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0, 
     return arr
 
 
-def pareto_mask(x: np.ndarray, y: np.ndarray, higher_is_better: bool = False) -> np.ndarray:
-    """True for the points no other point beats in both (lower or equal x, better or equal y, one strictly)."""
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    yy = -y if higher_is_better else y
-    ok = np.isfinite(x) & np.isfinite(yy)
-    mask = np.zeros(len(x), dtype=bool)
-    best = np.inf
-    # sweep by x (ties: best y first); a point is on the front when it improves on everything cheaper
-    for i in np.lexsort((yy, x)):
-        if ok[i] and yy[i] < best:
-            mask[i] = True
-            best = yy[i]
-    return mask
+def grid_png(images, nrow: int | None = None, scale: int = 4) -> bytes:
+    """PNG bytes of :func:`image_grid` (``nrow`` images a row; default: a square-ish grid), each pixel scaled up
+    ``scale`` times (nearest neighbour, so a pixel stays a crisp square)."""
+    from PIL import Image
+
+    n = len(images)
+    img = image_grid(images, nrow=nrow or max(1, math.ceil(math.sqrt(n))), as_pil=True)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def difference_png(diff: torch.Tensor, scale: float | None = None) -> tuple[bytes, str]:
+    """A grid of a difference batch (N, C, H, W) and the sentence stating its scale.
+
+    Each pixel shows the largest |a - b| over its colour channels: black 0, white ``scale`` or more
+    (``None``: the largest difference in the batch, so any difference is visible).
+    """
+    per_pixel = diff.amax(dim=1, keepdim=True)
+    largest = float(per_pixel.max()) if per_pixel.numel() else 0.0
+    white = scale if scale is not None else largest
+    shown = per_pixel / white if white > 0 else torch.zeros_like(per_pixel)
+    png = grid_png(shown.clamp(0, 1) * 2 - 1)
+    mean = float(diff.mean()) if diff.numel() else 0.0
+    if largest == 0:
+        caption = "identical images: |A − B| = 0 at every pixel"
+    else:
+        basis = "the largest difference in this batch" if scale is None else "fixed scale"
+        caption = (f"|A − B| per pixel (largest over colour channels; images span [−1, 1]): black 0, "
+                   f"white {white:.3g} or more ({basis}). Largest {largest:.3g}, mean {mean:.3g}")
+    return png, caption
+
+
+# ------------------------------------------------------------------------------------------ HTML fragments
+
+
+def png_html(png: bytes, title: str = "") -> str:
+    """An inline ``<img>`` (with an optional heading) for a static representation."""
+    head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
+    return (f"<div style='display:inline-block;vertical-align:top;margin-right:1em'>{head}"
+            f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' style='image-rendering:pixelated'/></div>")
+
+
+def error_html(exc: BaseException, what: str = "This run failed") -> str:
+    """An error in plain words, as a red box (inside a panel)."""
+    return (f"<div style='color:#a00;border:1px solid #a00;padding:4px'><b>{html.escape(what)}</b> "
+            f"({html.escape(type(exc).__name__)}): {html.escape(str(exc))}</div>")
+
+
+_PLOTLYJS_EMBEDDED = False
+
+
+def figure_html(fig) -> str:
+    """Static HTML of a figure; plotly.js is embedded once per kernel (offline readers have no CDN)."""
+    import plotly.graph_objects as go
+
+    global _PLOTLYJS_EMBEDDED
+    include = not _PLOTLYJS_EMBEDDED
+    _PLOTLYJS_EMBEDDED = True
+    return go.Figure(fig).to_html(include_plotlyjs=include, full_html=False)
+
+
+# ------------------------------------------------------------------------------------------ figures
 
 
 def speed_quality_figure(df, x: str = "wall_s", y: str = "fd", color: str = "sampler", *, pareto: bool = True,
@@ -109,14 +172,29 @@ def speed_quality_figure(df, x: str = "wall_s", y: str = "fd", color: str = "sam
     return fig
 
 
-def pareto_front(df, x: str, y: str, higher_is_better: bool | None = None):
-    """The rows of ``df`` on the Pareto front of cost ``x`` (lower is better) and quality ``y``, sorted by ``x``.
+def html_report(df, path: str | Path, title: str = "companion bench") -> Path:
+    """A self-contained interactive HTML page of a :func:`companion.bench.sweep` table (plotly.js inlined: works
+    offline): one speed/quality figure per quality column and cost axis, then every run."""
+    from .bench import quality_columns, run_labels, summary_table
 
-    Whether larger ``y`` is better defaults to :data:`HIGHER_IS_BETTER`.
-    """
-    for col in (x, y):
-        if col not in df.columns:
-            raise ValueError(f"column {col!r} is not in the table; columns: {', '.join(map(str, df.columns))}")
-    hib = (y in HIGHER_IS_BETTER) if higher_is_better is None else higher_is_better
-    mask = pareto_mask(df[x].to_numpy(), df[y].to_numpy(), hib)
-    return df[mask].sort_values(x)
+    path = Path(path)
+    parts = []
+    first = True
+    df = df.assign(run=run_labels(df))
+    color = "run"
+    for y in quality_columns(df):
+        for x in ("wall_s", "nfe"):
+            fig = speed_quality_figure(df, x=x, y=y, color=color)
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
+            first = False
+    table = summary_table(df).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{padding:2px 8px;text-align:right}</style></head><body>"
+            f"<h1>{title}</h1><p>{len(df)} runs. Quality is measured in the bundled feature network's space "
+            "(not Inception); error bars are 95 % bootstrap intervals; dashed: Pareto front.</p>"
+            + "".join(parts) + "<h2>All runs</h2>" + table + "</body></html>")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -26,7 +26,6 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from .denoiser import Conditioning, Denoiser
 from .errors import CacheWarning
 from .sampling import sample
 from .schedules import SigmaMap
-from .speed import describe as describe_speed
+from .provenance import model_fingerprint, tensor_digest, versions  # noqa: F401  (model_fingerprint: part of this API)
 
 METHODS = ("dop853", "sampler")
 
@@ -123,63 +122,14 @@ def converged_sample(model, x_T: torch.Tensor, *, sampler: str = "unipc", steps:
 # ---------------------------------------------------------------------------------------------- the cache
 
 
-def _versions() -> dict:
-    out = {"torch": torch.__version__}
-    for pkg in ("diffusers", "scipy", "companion"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def _tensor_digest(h, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-_FINGERPRINTS: "OrderedDict[tuple, str]" = OrderedDict()
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of what the model computes *now*: its weights and buffers as they are in memory (not as loaded), its
-    class, training schedule and speed wrapper. A model changed in place gets a new fingerprint.
-
-    Hashing a few MB of weights costs milliseconds, so the digest is memoised per model object and per state of its
-    tensors: torch bumps a tensor's version counter on every in-place change (``p.mul_(0.5)``, an optimiser step)
-    and assigning new data changes its storage pointer, and both are part of the memo key."""
-    state = model.state_dict() if hasattr(model, "state_dict") else {}
-    memo = (id(model), tuple((k, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for k, t in state.items()))
-    if memo in _FINGERPRINTS:
-        _FINGERPRINTS.move_to_end(memo)
-        return _FINGERPRINTS[memo]
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    if state:
-        for name, t in sorted(state.items()):
-            h.update(name.encode())
-            _tensor_digest(h, t)
-    else:
-        h.update(str(getattr(model, "sha256", id(model))).encode())
-    h.update(json.dumps(getattr(model, "scheduler_config", {}), sort_keys=True, default=str).encode())
-    h.update(json.dumps(describe_speed(model), sort_keys=True, default=str).encode())
-    digest = _FINGERPRINTS[memo] = h.hexdigest()
-    if len(_FINGERPRINTS) > 256:
-        _FINGERPRINTS.popitem(last=False)
-    return digest
-
-
 def reference_key(model, x_T: torch.Tensor, **settings) -> str:
     """The cache key of a reference: everything that changes the answer."""
     h = hashlib.sha256(model_fingerprint(model).encode())
-    _tensor_digest(h, torch.as_tensor(x_T))
+    h.update(tensor_digest(x_T).encode())
     for k, v in sorted(settings.items()):
         h.update(k.encode())
-        if torch.is_tensor(v):
-            _tensor_digest(h, v)
-        else:
-            h.update(json.dumps(v, sort_keys=True, default=str).encode())
-    h.update(json.dumps(_versions(), sort_keys=True).encode())
+        h.update((tensor_digest(v) if torch.is_tensor(v) else json.dumps(v, sort_keys=True, default=str)).encode())
+    h.update(json.dumps(versions(), sort_keys=True).encode())
     return h.hexdigest()
 
 

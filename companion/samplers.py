@@ -157,6 +157,8 @@ class SamplerSpec:
     note: str = ""
     min_steps: int = 1
     spacing_default: str | None = None  # for schedulers whose timestep placement is not a timestep_spacing option
+    max_steps: int | None = None  # None: up to the model's training steps
+    steps_reason: str = ""  # why min_steps / max_steps are what they are (said in the refusal)
 
     def expected_nfe(self, steps: int) -> int:
         """Network evaluations per sample for ``steps`` steps (without guidance)."""
@@ -196,6 +198,7 @@ _SPECS = [
           has_eta=True, note="eta=0: deterministic (first-order ODE solver, same path as Euler); eta=1: DDPM-like"),
     _spec(key="pndm", name="PNDM", paper="Liu et al., Pseudo Numerical Methods for Diffusion Models on Manifolds", arxiv="2202.09778",
           scheduler=PNDMScheduler, overrides=dict(skip_prk_steps=False), order=2, spacings=NO_SIGMAS, min_steps=4,
+          steps_reason="its Runge-Kutta warm-up alone takes 3; use 'plms' for fewer steps",
           note="3 Runge-Kutta warm-up steps (4 NFE each), then 4-step Adams-Bashforth on the pseudo-numerical step; "
                "the weights assume a grid uniform in sigma, which it is not: order 2, not 4"),
     _spec(key="plms", name="PLMS", paper="Liu et al., Pseudo Numerical Methods for Diffusion Models on Manifolds", arxiv="2202.09778",
@@ -213,7 +216,9 @@ _SPECS = [
     _spec(key="dpm2", name="DPM2", paper="Karras et al. / k-diffusion (DPM-Solver-2 in sigma)", arxiv="2206.00364",
           scheduler=KDPM2DiscreteScheduler, a1111="DPM2", comfyui="dpm_2", order=2, nfe_per_step=2),
     _spec(key="dpm2_a", name="DPM2 ancestral", paper="Karras et al. / k-diffusion (DPM-Solver-2, ancestral)", arxiv="2206.00364",
-          scheduler=KDPM2AncestralDiscreteScheduler, a1111="DPM2 a", comfyui="dpm_2_ancestral", stochastic=True, nfe_per_step=2),
+          scheduler=KDPM2AncestralDiscreteScheduler, a1111="DPM2 a", comfyui="dpm_2_ancestral", stochastic=True, nfe_per_step=2,
+          min_steps=3, steps_reason="at 2 steps diffusers' KDPM2 ancestral scheduler returns NaN from its first step "
+                                    "(seen on an exact-score model, so not a model's divergence)"),
     *[
         _spec(key=f"dpm_solver_{k}", name=f"DPM-Solver-{k} (single-step)", paper="Lu et al., DPM-Solver / DPM-Solver++ (single-step)",
               arxiv="2206.00927", scheduler=DPMSolverSinglestepScheduler,
@@ -250,7 +255,8 @@ _SPECS = [
           order=4, note="order = solver order + 1"),
     _spec(key="lcm", name="LCM (multistep consistency sampling)", paper="Luo et al., Latent Consistency Models; Song et al., Consistency Models",
           arxiv="2310.04378", scheduler=LCMScheduler, a1111="LCM", comfyui="lcm", stochastic=True,
-          spacings=("trailing",), spacing_default="trailing",
+          spacings=("trailing",), spacing_default="trailing", max_steps=50,
+          steps_reason="LCM picks its steps from a skipping-step grid of 50 timesteps (original_inference_steps=50)",
           note="for consistency-distilled students: each step maps x_t straight to a clean estimate, then re-noises "
                "it with fresh noise to the next timestep (deterministic at 1 step); timesteps come from LCM's "
                "skipping-step grid 999, 979, ..., 19, picked evenly (close to trailing spacing); on an ordinary "

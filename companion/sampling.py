@@ -24,7 +24,7 @@ import torch
 
 from . import samplers as registry
 from .denoiser import (Conditioning, Denoiser, MemoryProbe, RunRecord, SampleResult, as_int, check_args,  # noqa: F401
-                       model_device, resolve_cond, resolve_labels)
+                       check_seed, model_device, resolve_cond, resolve_labels)
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError  # noqa: F401  (raised by the checks; importable from here)
@@ -110,6 +110,7 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     """
     spec = registry.get(sampler)
     steps, batch = as_int(steps), as_int(batch)
+    seed = check_seed(seed)
     check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond)
     spacing, _ = registry.spacing_options(spec, spacing)
     if x_T is not None:
@@ -191,6 +192,7 @@ def _prepared_scheduler(spec, scheduler_config: dict, spacing: str, steps: int, 
     if sched is None:
         sched = registry.build_scheduler(spec, scheduler_config, spacing=spacing)
         sched.set_timesteps(steps, device=dev)
+        check_grid(spec, sched, steps, spacing, int(scheduler_config["num_train_timesteps"]))
         _SCHEDULERS[key] = sched
         if len(_SCHEDULERS) > _SCHEDULER_CACHE_SIZE:
             _SCHEDULERS.popitem(last=False)
@@ -198,3 +200,29 @@ def _prepared_scheduler(spec, scheduler_config: dict, spacing: str, steps: int, 
         _SCHEDULERS.move_to_end(key)
     return copy.deepcopy(sched)
 
+
+def check_grid(spec, sched, steps: int, spacing: str, n_train: int) -> None:
+    """Refuse a timestep grid that does not sample what was asked for, before any network call.
+
+    diffusers builds some grids that silently skip most of the chain at high step counts: ``leading`` spacing of
+    the DPM-Solver multistep family, UniPC and DEIS starts at t = 900 at 100 steps and at t = 500 at 500 steps
+    (``t = (N - 1) * (T // (N + 1))``), and at 1000 steps every timestep is 0; a step count that does not divide T
+    does the same to DDIM's and Euler's ``leading`` grid (143 steps start at t = 852); ``linspace`` at T steps
+    repeats a timestep. A grid must start within 1.5 step widths of the last training timestep (``leading`` spacing
+    starts one step width below it by design) and, for single-stage solvers, never repeat a timestep.
+    """
+    ts = [float(t) for t in sched.timesteps]
+    if not ts:
+        raise SamplingError(f"{spec.key} with {steps} {spacing} steps produced no timesteps")
+    width = n_train / steps
+    if ts[0] < n_train - 1 - 1.5 * width:
+        raise SamplingError(
+            f"{spec.key} with {steps} {spacing!r} steps starts at t = {ts[0]:g}, {(n_train - 1 - ts[0]) / width:.1f} step widths "
+            f"below the last training timestep {n_train - 1}: the chain would skip its noisiest part (a diffusers grid "
+            f"quirk at this step count). Use spacing='trailing', or a step count that divides {n_train}")
+    # two-stage solvers, and PNDM/PLMS (Runge-Kutta warm-up, 2-evaluation first step) revisit timesteps by design
+    staged = int(getattr(sched, "order", 1)) > 1 or spec.diffusers_class == "PNDMScheduler"
+    if not staged and any(b >= a for a, b in zip(ts, ts[1:])):
+        dup = next(a for a, b in zip(ts, ts[1:]) if b >= a)
+        raise SamplingError(f"{spec.key} with {steps} {spacing!r} steps repeats timestep {dup:g}: the grid is not strictly "
+                            f"decreasing at this step count; use spacing='trailing' or fewer steps")

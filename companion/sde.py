@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import samplers as registry
-from .denoiser import Conditioning, Denoiser, SampleResult, check_args, model_device, resolve_labels
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError
@@ -94,6 +94,7 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     """
     _check(sampler, model, batch, snr, corrector_steps, x_T)
     check_args(model, registry.get("ddpm"), steps, guidance, None, class_labels, None, None, batch, None)
+    seed = check_seed(seed)
     dev = pick_device(device) if device is not None else model_device(model)
     t_start = time.perf_counter()
     ts, sigmas = noise_levels(model, steps)

@@ -7,10 +7,14 @@ Panels are composed from small parts so a chapter builds the one it needs in a l
 
     ComparePanel(model, a=dict(sampler="ddim", steps=10), b=dict(sampler="dpmpp_2m", steps=10))
     SweepView(model, ["ddim", "dpmpp_2m"], [5, 10, 20])   # a bench sweep whose curve grows as runs finish
+    ForwardPanel(images)                                   # the forward process q(x_t | x_0) under a t slider
+    PartialPanel(model, {"real": x, "prior": p}, labels)   # the reverse chain started part-way, from t0
 
-The parts: control factories (:data:`CONTROL_FACTORIES`, :func:`make_controls`), :class:`SamplingSetup`
-(parameters -> ``sample`` call -> measured run), :class:`LatestOnlyRunner`, :func:`grid_png`,
-:func:`add_point` / :func:`move_mark` on a :func:`speed_quality_widget`, :func:`record_table`.
+This module holds only panels and their parts: the control factories (:data:`CONTROL_FACTORIES`,
+:func:`make_controls`), :class:`SamplingSetup` (parameters -> ``sample`` call -> measured run),
+:class:`LatestOnlyRunner`, and the curve's marks (:func:`add_point` / :func:`move_mark` on a
+:func:`speed_quality_widget`). What a panel draws comes from elsewhere: image grids, PNGs and HTML fragments
+from :mod:`companion.plots`, the run record table from :mod:`companion.report`.
 
 Design choices, and why:
 
@@ -28,9 +32,7 @@ Design choices, and why:
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +44,9 @@ import plotly.graph_objects as go
 import torch
 
 from .device import release_cpu_threads
+from .plots import difference_png, error_html, figure_html, grid_png, png_html
+from .reference import ReferenceDistance
+from .report import record_table
 from .samplers import REGISTRY, SPACINGS
 from .sampling import sample
 
@@ -176,65 +181,6 @@ CONTROL_FACTORIES: dict[str, Callable[..., w.Widget]] = {
 }
 
 
-# ------------------------------------------------------------------------------------------ images
-
-
-def grid_png(images: torch.Tensor, nrow: int | None = None, scale: int = 4) -> bytes:
-    """PNG bytes of a grid of images in [-1, 1] (N, C, H, W), each pixel scaled up ``scale`` times."""
-    from PIL import Image
-
-    x = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    n, c, h, wd = x.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    pad = 1
-    canvas = torch.full((c, ncol * (h + pad) + pad, nrow * (wd + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (wd + pad): pad + q * (wd + pad) + wd] = x[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------ quality
-
-
-class RefDistance:
-    """Per-run quality: RMS distance to a converged solution of the same probability-flow ODE from the same noise.
-
-    Separates deterministic solvers where sample-based metrics on a small batch cannot. The reference is a
-    ``reference_steps``-step run of a third-order solver (UniPC) from the same seed: on the bundled digits model
-    it moves by < 0.01 RMS between 100 and 200 steps, an order below the 10-50-step errors it is compared with,
-    and it costs seconds where scipy's adaptive DOP853 needs hundreds of network calls even at rtol 1e-3
-    (``companion.metrics.ode_reference_distance`` uses that one for tables). Stochastic samplers do not follow
-    the ODE: they get no value, and the record says why. References are cached per model, seed, batch,
-    classes and guidance.
-    """
-
-    def __init__(self, reference_sampler: str = "unipc", reference_steps: int = 200):
-        self.reference_sampler, self.reference_steps = reference_sampler, reference_steps
-        self.label = f"distance to {reference_steps}-step {REGISTRY[reference_sampler].name.split(' (')[0]} (RMS, lower is better)"
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, model, result, sample_kwargs: dict | None = None) -> float | None:
-        rec = result.record
-        if rec.stochastic:
-            return None
-        kw = dict(sample_kwargs or {})
-        kw.pop("sampler", None), kw.pop("steps", None), kw.pop("eta", None), kw.pop("spacing", None)
-        labels = kw.get("class_labels")
-        key = (model.sha256, rec.seed, rec.batch, rec.guidance, None if labels is None else tuple(int(v) for v in labels))
-        if key not in self._cache:
-            self._cache[key] = sample(model, sampler=self.reference_sampler, steps=self.reference_steps, **kw).samples
-        ref = self._cache[key]
-        return float((result.samples.float() - ref.float()).pow(2).mean().sqrt())
-
-
 # ------------------------------------------------------------------------------------------ figure
 
 MARK_COLORS = {"current": "black", "A": "#b2182b", "B": "#2166ac"}
@@ -299,46 +245,7 @@ def series_points(fig: go.FigureWidget) -> int:
     return sum(len(t.x) for t in fig.data if t.hovertemplate)
 
 
-_PLOTLYJS_EMBEDDED = False
-
-
-def figure_html(fig: go.Figure) -> str:
-    """Static HTML of a figure; plotly.js is embedded once per kernel (offline readers have no CDN)."""
-    global _PLOTLYJS_EMBEDDED
-    include = not _PLOTLYJS_EMBEDDED
-    _PLOTLYJS_EMBEDDED = True
-    return go.Figure(fig).to_html(include_plotlyjs=include, full_html=False)
-
-
-def png_html(png: bytes, title: str = "") -> str:
-    """An inline ``<img>`` (with an optional heading) for the static representation."""
-    head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
-    return (f"<div style='display:inline-block;vertical-align:top;margin-right:1em'>{head}"
-            f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' style='image-rendering:pixelated'/></div>")
-
-
-def error_html(exc: BaseException, what: str = "This run failed") -> str:
-    """An error in plain words, as a red box inside the panel."""
-    return (f"<div style='color:#a00;border:1px solid #a00;padding:4px'><b>{html.escape(what)}</b> "
-            f"({html.escape(type(exc).__name__)}): {html.escape(str(exc))}</div>")
-
-
 # ------------------------------------------------------------------------------------------ panel
-
-
-def record_table(rec, quality: float | None, quality_label: str) -> str:
-    q = "n/a (stochastic sampler: no ODE reference)" if quality is None else f"{quality:.4f}"
-    rows = [
-        ("sampler", f"{REGISTRY[rec.sampler].name if rec.sampler in REGISTRY else rec.sampler} ({'stochastic' if rec.stochastic else 'deterministic'})"),
-        ("steps / NFE per sample", f"{rec.steps} / {rec.nfe}"),
-        ("wall time", f"{rec.wall_s * 1000:.0f} ms"),
-        ("network / solver overhead", f"{rec.network_s * 1000:.0f} ms / {rec.overhead_s * 1000:.1f} ms"),
-        ("seed / batch", f"{rec.seed} / {rec.batch}"),
-        ("speed options", str(getattr(rec, "speed", {}).get("label", "fp32"))),
-        (quality_label, q),
-    ]
-    cells = "".join(f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>" for k, v in rows)
-    return f"<table style='font-size:0.9em'>{cells}</table>"
 
 
 @dataclass
@@ -399,7 +306,7 @@ class SamplingSetup:
             raise ValueError(f"x={x!r} is not valid; choose 'wall_s' or 'nfe'")
         self.x = x
         self.x_title = "wall time (s)" if x == "wall_s" else "NFE per sample"
-        self.quality = quality if quality is not None else RefDistance()
+        self.quality = quality if quality is not None else ReferenceDistance()
         self.quality_label = quality_label or getattr(self.quality, "label", "quality")
         self._speed_cache: dict = {}
 
@@ -439,7 +346,7 @@ class SamplingSetup:
         model, kw = self.sample_kwargs(p)
         t0 = time.perf_counter()
         res = sample(model, **kw)
-        q = self.quality(model, res, kw) if isinstance(self.quality, RefDistance) else self.quality(model, res)
+        q = self.quality(model, res, kw) if isinstance(self.quality, ReferenceDistance) else self.quality(model, res)
         return PanelRun(p, res, q, time.perf_counter() - t0)
 
     def point(self, run: PanelRun) -> tuple[float, float] | None:
@@ -474,11 +381,62 @@ class SamplingSetup:
                 controls[name].disabled = not model.conditional
 
 
-class _RunnerPanel:
-    """What every panel driven by a :class:`LatestOnlyRunner` shares: run now, wait, count runs.
+class _Panel:
+    """A panel's two faces: the live ``widget``, and :meth:`static_html` (what nbconvert, the HTML report and a
+    reader without a widget front end see). Every panel shows itself through here."""
 
-    A panel defines ``_request()`` (its current parameters), ``_compute``, ``_show`` and ``_show_error``.
+    widget: w.Widget
+
+    def static_html(self) -> str:
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
+        bundle["text/html"] = self.static_html()
+        return bundle
+
+
+class _RunnerPanel(_Panel):
+    """What every sampling panel shares (:class:`SamplerPanel`, :class:`ComparePanel`): the
+    :class:`SamplingSetup`, the status and error lines, the run history, a :class:`LatestOnlyRunner` fed by the
+    controls, errors shown in plain words, and run now / wait / count runs.
+
+    A panel calls ``_watch(controls)`` once its controls exist, and defines ``_request()`` (its current
+    parameters), ``_compute(request)`` (on the worker thread), ``_draw(out)`` (put a finished run on screen)
+    and ``_sync_enabled()``.
     """
+
+    def __init__(self, models, quality: Callable | None, quality_label: str | None, x: str):
+        self.setup = SamplingSetup(models, quality, quality_label, x)
+        self.error = w.HTML()
+        self.status = w.HTML()
+        self.history: list = []
+        self._quiet = _Quiet()
+        self._runner = LatestOnlyRunner(self._compute, self._show, self._show_error)
+
+    def _watch(self, controls: Iterable[w.Widget]) -> None:
+        """Start a run whenever one of ``controls`` changes (not while the panel changes them itself)."""
+        for c in controls:
+            c.observe(self._on_change, names="value")
+        self._sync_enabled()
+
+    def _on_change(self, change) -> None:
+        if self._quiet.on:
+            return
+        self._sync_enabled()
+        self.status.value = "<i>running…</i>"
+        self._runner.request(self._request())
+
+    def _show(self, req, out) -> None:
+        """A run finished: keep it, draw it, clear the running note and any earlier error."""
+        self.history.append(out)
+        self._draw(out)
+        self.error.value = ""
+        self.status.value = ""
+
+    def _show_error(self, req, exc: BaseException) -> None:
+        self.status.value = ""
+        self.error.value = error_html(exc)
 
     def run(self):
         """Run the current configuration now, on the calling thread (used when the panel is built)."""
@@ -511,7 +469,7 @@ class SamplerPanel(_RunnerPanel):
 
     def __init__(self, models, controls: Iterable[str] = ("sampler", "steps", "seed"), defaults: Mapping[str, Any] | None = None,
                  *, x: str = "wall_s", quality: Callable | None = None, quality_label: str | None = None, run: bool = True):
-        self.setup = SamplingSetup(models, quality, quality_label, x)
+        super().__init__(models, quality, quality_label, x)
         self.models, self.x = self.setup.models, x
         self.quality, self.quality_label = self.setup.quality, self.setup.quality_label
         defaults = dict(defaults or {})
@@ -519,15 +477,9 @@ class SamplerPanel(_RunnerPanel):
         self.fixed = defaults  # values without a control (e.g. batch=16 when no batch slider)
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
         self.record = w.HTML()
-        self.error = w.HTML()
-        self.status = w.HTML()
         self.figure = speed_quality_widget(self.setup.x_title, self.quality_label)
         self.history: list[PanelRun] = []
-        self._quiet = _Quiet()
-        self._runner = LatestOnlyRunner(self.setup.run, self._show, self._show_error)
-        for c in self.controls.values():
-            c.observe(self._on_change, names="value")
-        self._sync_enabled()
+        self._watch(self.controls.values())
         self.widget = w.VBox([
             w.HBox([w.VBox(list(self.controls.values())), w.VBox([self.image, self.status])]),
             self.error, w.HBox([self.record, self.figure]),
@@ -552,27 +504,13 @@ class SamplerPanel(_RunnerPanel):
     def _compute(self, p: dict) -> PanelRun:
         return self.setup.run(p)
 
-    def _show(self, p: dict, run: PanelRun) -> None:
-        self.history.append(run)
+    def _draw(self, run: PanelRun) -> None:
         self.image.value = grid_png(run.result.images)
         self.record.value = record_table(run.result.record, run.quality, self.quality_label)
-        self.error.value = ""
-        self.status.value = ""
         point = self.setup.point(run)
         if point is not None:
             series, text = self.setup.series(run)
             add_point(self.figure, series, *point, text)
-
-    def _show_error(self, p: dict, exc: BaseException) -> None:
-        self.status.value = ""
-        self.error.value = error_html(exc)
-
-    def _on_change(self, change) -> None:
-        if self._quiet.on:
-            return
-        self._sync_enabled()
-        self.status.value = "<i>running…</i>"
-        self._runner.request(self._request())
 
     def _request(self) -> dict:
         return self.params()
@@ -581,17 +519,11 @@ class SamplerPanel(_RunnerPanel):
     def static_html(self) -> str:
         parts = ["<div>"]
         if self.history:
-            png = base64.b64encode(self.image.value).decode()
-            parts.append(f"<img src='data:image/png;base64,{png}' style='image-rendering:pixelated'/>")
+            parts.append(png_html(self.image.value))
         parts.append(self.error.value + self.record.value)
         parts.append(figure_html(self.figure))
         parts.append("</div>")
         return "".join(parts)
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
-        bundle["text/html"] = self.static_html()
-        return bundle
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -606,27 +538,6 @@ def image_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"A's images have shape {tuple(a.shape)} and B's {tuple(b.shape)}: "
                          "a difference image needs images of the same shape")
     return (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).abs()
-
-
-def difference_png(diff: torch.Tensor, scale: float | None = None) -> tuple[bytes, str]:
-    """A grid of a difference batch (N, C, H, W) and the sentence stating its scale.
-
-    Each pixel shows the largest |a - b| over its colour channels: black 0, white ``scale`` or more
-    (``None``: the largest difference in the batch, so any difference is visible).
-    """
-    per_pixel = diff.amax(dim=1, keepdim=True)
-    largest = float(per_pixel.max()) if per_pixel.numel() else 0.0
-    white = scale if scale is not None else largest
-    shown = per_pixel / white if white > 0 else torch.zeros_like(per_pixel)
-    png = grid_png(shown.clamp(0, 1) * 2 - 1)
-    mean = float(diff.mean()) if diff.numel() else 0.0
-    if largest == 0:
-        caption = "identical images: |A − B| = 0 at every pixel"
-    else:
-        basis = "the largest difference in this batch" if scale is None else "fixed scale"
-        caption = (f"|A − B| per pixel (largest over colour channels; images span [−1, 1]): black 0, "
-                   f"white {white:.3g} or more ({basis}). Largest {largest:.3g}, mean {mean:.3g}")
-    return png, caption
 
 
 @dataclass
@@ -669,7 +580,6 @@ class ComparePanel(_RunnerPanel):
                  controls: Iterable[str] = ("seed",), side_controls: Iterable[str] = ("sampler", "steps"),
                  defaults: Mapping[str, Any] | None = None, *, x: str = "wall_s", quality: Callable | None = None,
                  quality_label: str | None = None, diff_scale: float | None = None, run: bool = True):
-        self.setup = SamplingSetup(models, quality, quality_label, x)
         controls, side_controls = tuple(controls), tuple(side_controls)
         per_side = [n for n in side_controls if n in SHARED_ONLY]
         if per_side:
@@ -686,6 +596,7 @@ class ComparePanel(_RunnerPanel):
                 raise ValueError(f"{label.lower()}= sets {clash}, which A and B share; give shared values in defaults=")
         if diff_scale is not None and not diff_scale > 0:
             raise ValueError(f"diff_scale={diff_scale!r} is not valid; give a positive number or None (the largest difference)")
+        super().__init__(models, quality, quality_label, x)
         self.diff_scale = diff_scale
         defaults = dict(defaults or {})
         self.controls = make_controls(controls, defaults, self.setup.models, mode=False)
@@ -695,16 +606,10 @@ class ComparePanel(_RunnerPanel):
         self.records = {s: w.HTML() for s in "AB"}
         self.diff_image = w.Image(format="png", layout=w.Layout(max_width="100%"))
         self.diff_caption = w.HTML()
-        self.error = w.HTML()
-        self.status = w.HTML()
         self.figure = speed_quality_widget(self.setup.x_title, self.setup.quality_label, marks=("A", "B"))
         self.history: list[Comparison] = []
         self._last: dict[str, tuple[tuple, PanelRun]] = {}
-        self._quiet = _Quiet()
-        self._runner = LatestOnlyRunner(self._compute, self._show, self._show_error)
-        for c in [*self.controls.values(), *self.side_controls["A"].values(), *self.side_controls["B"].values()]:
-            c.observe(self._on_change, names="value")
-        self._sync_enabled()
+        self._watch([*self.controls.values(), *self.side_controls["A"].values(), *self.side_controls["B"].values()])
         column = lambda s: w.VBox([w.HTML(f"<b>{s}</b>"), *self.side_controls[s].values(), self.images[s], self.records[s]])
         self.widget = w.VBox([
             w.HBox(list(self.controls.values())),
@@ -742,8 +647,7 @@ class ComparePanel(_RunnerPanel):
         diff = image_difference(runs["A"].result.images, runs["B"].result.images)
         return Comparison(runs["A"], runs["B"], diff, frozenset(reused))
 
-    def _show(self, req, cmp: Comparison) -> None:
-        self.history.append(cmp)
+    def _draw(self, cmp: Comparison) -> None:
         with self.figure.batch_update():
             for side, run in (("A", cmp.a), ("B", cmp.b)):
                 self._last[side] = (_params_key(run.params), run)
@@ -759,19 +663,6 @@ class ComparePanel(_RunnerPanel):
                     add_point(self.figure, series, *point, f"{side}: {text}", mark=side)
         self.diff_image.value, caption = difference_png(cmp.difference, self.diff_scale)
         self.diff_caption.value = f"<span style='font-size:0.9em'>{html.escape(caption)}</span>"
-        self.error.value = ""
-        self.status.value = ""
-
-    def _show_error(self, req, exc: BaseException) -> None:
-        self.status.value = ""
-        self.error.value = error_html(exc)
-
-    def _on_change(self, change) -> None:
-        if self._quiet.on:
-            return
-        self._sync_enabled()
-        self.status.value = "<i>running…</i>"
-        self._runner.request(self._request())
 
     def _request(self) -> tuple[dict, dict]:
         return self.params("A"), self.params("B")
@@ -792,11 +683,6 @@ class ComparePanel(_RunnerPanel):
         parts.append("</div>")
         return "".join(parts)
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
-        bundle["text/html"] = self.static_html()
-        return bundle
-
 
 # ------------------------------------------------------------------------------------------ sweep
 
@@ -806,7 +692,7 @@ METRIC_COLUMNS = {"fd": ("fd",), "kid": ("kid",), "prdc": ("precision", "recall"
 SWEEP_X = ("wall_s", "nfe", "network_s", "flops_per_sample")
 
 
-class SweepView:
+class SweepView(_Panel):
     """A :mod:`companion.bench` sweep run on a background thread; the speed/quality curve grows as runs finish.
 
     Takes :func:`companion.bench.iter_sweep`'s arguments (runs come from, and go to, its on-disk cache).
@@ -982,16 +868,11 @@ class SweepView:
         return ("<div>" + f"<div>{self.status.value}</div>" + self.error.value + figure_html(self.figure)
                 + self._table_html() + "</div>")
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
-        bundle["text/html"] = self.static_html()
-        return bundle
-
 
 # ------------------------------------------------------------------------------------------ forward process
 
 
-class ForwardPanel:
+class ForwardPanel(_Panel):
     """A t slider over the forward process q(x_t | x_0): the noised images and where t sits on the SNR curve."""
 
     def __init__(self, images: torch.Tensor, schedules: Iterable[str] = ("linear", "cosine"), t: int = 250, seed: int = 0):
@@ -1026,8 +907,57 @@ class ForwardPanel:
             self.figure.data[-1].x = (t,)
             self.figure.data[-1].y = (float(np.log10(abar / (1 - abar))),)
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
-        png = base64.b64encode(self.image.value).decode()
-        bundle["text/html"] = f"<div><img src='data:image/png;base64,{png}'/>{self.info.value}{figure_html(self.figure)}</div>"
-        return bundle
+    def static_html(self) -> str:
+        return f"<div>{png_html(self.image.value)}{self.info.value}{figure_html(self.figure)}</div>"
+
+
+# ------------------------------------------------------------------------------------------ partial sampling
+
+
+class PartialPanel(_Panel):
+    """A ``t0`` slider and a start-image picker over :func:`companion.partial.sample_from`: the start images,
+    their noised version at ``t0``, and what the reverse chain makes of them from there.
+
+    ``sources``: label -> clean start images (B, C, H, W) in [-1, 1]; the first ``n`` of each are shown.
+    ``class_labels``: their classes (a class-conditional model). The chain runs ``sampler`` with the step density
+    of a ``full_steps``-step full chain, so starting lower costs proportionally fewer steps (at least one).
+    Runs happen on the kernel thread when a control moves (``n`` images: a fraction of a second).
+    """
+
+    def __init__(self, model, sources: Mapping[str, torch.Tensor], class_labels=None, *, t0: int = 300,
+                 source: str | None = None, n: int = 10, sampler: str = "ddpm", full_steps: int = 20, seed: int = 0,
+                 scale: int = 3):
+        if not sources:
+            raise ValueError("sources is empty; give at least one label -> start images")
+        if source is not None and source not in sources:
+            raise ValueError(f"source={source!r} is not one of the start images; choose from {list(sources)}")
+        self.model, self.sources, self.class_labels = model, dict(sources), class_labels
+        self.n, self.sampler, self.full_steps, self.seed, self.scale = n, sampler, full_steps, seed, scale
+        self.t0 = w.IntSlider(value=t0, min=50, max=950, step=50, description="t0", continuous_update=False)
+        self.source = w.Dropdown(options=list(self.sources), value=source or next(iter(self.sources)), description="start")
+        self.view = w.HTML()
+        self.result = None
+        for c in (self.t0, self.source):
+            c.observe(lambda _: self.update(), names="value")
+        self.widget = w.VBox([w.HBox([self.t0, self.source]), self.view])
+        self.update()
+
+    def steps(self, t0: float) -> int:
+        """Steps for a chain from ``t0``: the full chain's step density over [0, t0], at least one."""
+        return max(1, round(self.full_steps * (t0 + 1) / 1000))
+
+    def update(self) -> None:
+        from .partial import sample_from
+        from .report import ImageRow
+
+        t0 = self.t0.value
+        start = self.sources[self.source.value][: self.n]
+        labels = None if self.class_labels is None else self.class_labels[: self.n]
+        res = sample_from(self.model, start, t0, self.sampler, self.steps(t0), class_labels=labels, seed=self.seed)
+        self.result = res
+        self.view.value = ImageRow({"start": start, f"noised to t={res.t_start:.0f}": res.x_start_noised.clamp(-1, 1),
+                                    f"result ({res.record.nfe} NFE, {res.record.wall_s * 1000:.0f} ms)": res.images.clamp(-1, 1)},
+                                   nrow=self.n, scale=self.scale)._repr_html_()
+
+    def static_html(self) -> str:
+        return self.view.value

@@ -40,3 +40,44 @@ def tiny_model():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, num_class_embeds=4)
     return DiffusionModel(unet, name="tiny-cond", num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The CI/dev machines have 2 shared cores: two intra-op threads on a busy machine are ~50x slower for tiny nets.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _build_tiny_unet(in_channels: int = 1, out_channels: int = 1, num_class_embeds: int | None = None, size: int = 8,
+                     seed: int = 0, *, channels: tuple[int, ...] = (16, 32), attention_at: tuple[int, ...] = (),
+                     mid_attention: bool = True):
+    """A small random-init UNet (eval mode), the same weights for the same arguments.
+
+    ``channels``: one resolution level each; ``attention_at``: the levels (0 = full resolution) whose blocks have
+    attention; ``mid_attention``: attention in the middle block (diffusers' default).
+    """
+    from diffusers import UNet2DModel
+
+    bad = [i for i in attention_at if not 0 <= i < len(channels)]
+    if bad:
+        raise ValueError(f"attention_at={attention_at}: levels {bad} do not exist; channels={channels} has levels 0..{len(channels) - 1}")
+    levels = range(len(channels))
+    down = tuple("AttnDownBlock2D" if i in attention_at else "DownBlock2D" for i in levels)
+    up = tuple("AttnUpBlock2D" if i in attention_at else "UpBlock2D" for i in reversed(levels))  # deepest level first
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=out_channels, block_out_channels=tuple(channels),
+                       down_block_types=down, up_block_types=up, layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                       add_attention=mid_attention, num_class_embeds=num_class_embeds).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """The builder of small random-init UNets for sampler/speed tests: ``tiny_unet(in_channels=1, out_channels=1,
+    num_class_embeds=None, size=8, seed=0, *, channels=(16, 32), attention_at=(), mid_attention=True)``."""
+    return _build_tiny_unet

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from companion import bench
+from companion.cli import add_bench
 from companion.models import DiffusionModel, load
 from companion.plots import image_grid, pareto_front, speed_quality_figure
 
@@ -141,7 +142,7 @@ def test_cli_writes_csv_and_html(model, tmp_path, capsys):
     model.save(folder, card={"recipe": "test"})
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    bench.add_cli(sub)
+    add_bench(sub)
     out = tmp_path / "out"
     args = parser.parse_args(["bench", "--model", str(folder), "--samplers", "ddim,euler", "--steps", "2,3",
                               "--n-samples", str(N), "--metrics", "fd,prdc", "--out", str(out), "--no-progress"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from companion import bench, design, load, train
+from companion import bench, design, load, recipes
 
 
 def test_cpu_attention_is_counted_by_the_flop_counter():
@@ -19,15 +19,15 @@ def test_cpu_attention_is_counted_by_the_flop_counter():
 
 
 def test_design_group_changes_one_lever_per_variant():
-    names = train.GROUPS["digits-design"]
-    assert names == list(design.DESIGN_MODELS) and len(names) == 5
-    recipes = train.all_recipes()
-    base = recipes["digits-design-base"].config
-    assert base["unet"] == train.RECIPES["digits-cond"].config["unet"]  # base is the digits-cond layout
+    names = recipes.GROUPS["digits-design"]
+    assert list(names) == list(design.DESIGN_MODELS) and len(names) == 5
+    table = recipes.all_recipes()
+    base = table["digits-design-base"].config
+    assert base["unet"] == recipes.RECIPES["digits-cond"].config["unet"]  # base is the digits-cond layout
     changed = {}
     for name in names:
-        rec = recipes[name]
-        assert rec.steps == train.DESIGN_STEPS and rec.seed == 0
+        rec = table[name]
+        assert rec.steps == recipes.DESIGN_STEPS and rec.seed == 0
         cfg = rec.config
         assert {k: v for k, v in cfg.items() if k != "unet"} == {k: v for k, v in base.items() if k != "unet"}
         assert cfg["prediction"] == "v_prediction"
@@ -73,7 +73,7 @@ def test_design_cards_record_training_and_quality():
     for name in design.DESIGN_MODELS:
         model = load(name)
         card = model.card
-        assert card["training_steps"] == train.DESIGN_STEPS
+        assert card["training_steps"] == recipes.DESIGN_STEPS
         assert card["recipe"] == name
         q = card["quality"]
         assert 0.0 <= q["cfg_accuracy_g2"] <= 1.0 and "fd_features_digits_g2" in q
@@ -95,7 +95,7 @@ def test_architecture_profile_refuses_a_model_without_a_network():
 
 
 def test_a_design_recipe_trains_and_saves_half_precision_weights(tmp_path):
-    out = train.run_recipe("digits-design-narrow", steps=2, out=tmp_path / "narrow", progress=False, measure=False, threads=1)
+    out = recipes.run_recipe("digits-design-narrow", steps=2, out=tmp_path / "narrow", progress=False, measure=False, threads=1)
     card = json.loads((out / "companion.json").read_text())
     assert card["training_steps"] == 2 and card["weights_dtype"] == "float16"
     model = load(out)

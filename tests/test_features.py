@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from companion import assets
+from companion import assets, recipes
 from companion.data import digits
-from companion.features import FeatureNet, default_feature_net_name, load_feature_net, train_feature_net
+from companion.features import FeatureNet, default_feature_net_name, load_feature_net
 from companion.models import ModelError, load
 
 
@@ -52,15 +52,15 @@ def test_loaded_through_models_load():
 def test_unknown_name_lists_choices():
     with pytest.raises(ModelError, match="features-digits"):
         load_feature_net("features-nope")
-    with pytest.raises(ValueError, match="features-digits"):
-        train_feature_net("nope")
+    with pytest.raises(KeyError, match="features-digits"):
+        recipes.run_recipe("nope")
     with pytest.raises(ValueError, match="1 or 3 channels"):
         default_feature_net_name((2, 16, 16))
 
 
 def test_training_is_reproducible(tmp_path):
-    a = train_feature_net("features-digits", tmp_path / "a", steps=3, progress=False)
-    b = train_feature_net("features-digits", tmp_path / "b", steps=3, progress=False)
+    """The feature networks' recipes run through the one recipe table (``companion train features-digits``)."""
+    a, b = (load(recipes.run_recipe("features-digits", out=tmp_path / k, steps=3, progress=False)) for k in "ab")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     card = assets.verify(tmp_path / "a")
@@ -77,3 +77,14 @@ def test_shapes_network_on_held_out_data():
     f, logits = net.extract(x[:400])
     assert f.shape == (400, 64) and logits.shape == (400, 4)
     assert (logits.argmax(1) == y[:400]).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("name", ["features-digits", "features-shapes"])
+def test_bundled_feature_networks_are_what_their_recipes_make(name):
+    rec = recipes.recipe(name)
+    card = assets.read_card(assets.models_dir() / name)
+    net = {k: list(v) if isinstance(v, tuple) else v for k, v in rec.config["net"].items()}
+    assert card["config"] == dict(net, num_classes=card["config"]["num_classes"])
+    assert (card["steps"], card["seed"], card["batch_size"], card["lr"], card["dataset"]) == (
+        rec.steps, rec.seed, rec.config["batch"], rec.config["lr"], rec.config["data"])
+    assert card["augmentation"] == f"random shift +-{rec.config['shift']} px"

@@ -98,11 +98,21 @@ def test_same_seed_same_noise_different_seed_different_noise():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("sub", [[], ["info"], ["lab"], ["run-notebooks"]])
+@pytest.mark.parametrize("sub", [[], ["info"], ["lab"], ["run-notebooks"], ["train"], ["bench"]])
 def test_every_command_has_help(sub):
     r = run_cli(*sub, "--help")
     assert r.returncode == 0, r.stderr
     assert "usage: companion" in r.stdout
+
+
+def test_train_lists_every_recipe_and_group():
+    r = run_cli("train", "--list")
+    assert r.returncode == 0, r.stderr
+    for name in ("digits-cond", "shapes-sr32", "digits-design-base", "digits-pd-4", "digits-cd", "features-digits",
+                 "digits-pd", "digits-design"):
+        assert name in r.stdout, name
+    r = run_cli("train", "digits-nope")
+    assert r.returncode == 2 and "unknown recipe 'digits-nope'; valid recipes: digits-cond" in r.stderr
 
 
 def test_unknown_option_is_refused():

@@ -80,12 +80,12 @@ def card_quality_samples() -> dict:
     """The samples a card's quality is measured on (class-guided DDIM, and super-resolution with a low-res condition)."""
     from companion import load
     from companion.data import shapes
-    from companion.train import ddim_sample
+    from companion.quality import ddim_samples
 
     labels = torch.arange(10).repeat_interleave(2)
-    guided = ddim_sample(load("digits-cond"), 20, steps=10, guidance=2.0, class_labels=labels, seed=1, batch=8)
+    guided = ddim_samples(load("digits-cond"), 20, steps=10, guidance=2.0, class_labels=labels, seed=1, batch=8)
     low = torch.nn.functional.avg_pool2d(shapes("test", 32)[0][:3], 2)
-    sr = ddim_sample(load("shapes-sr32"), 3, steps=4, cond=low, seed=1, batch=2)
+    sr = ddim_samples(load("shapes-sr32"), 3, steps=4, cond=low, seed=1, batch=2)
     return {"guided": guided, "sr": sr}
 
 

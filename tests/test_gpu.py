@@ -38,17 +38,9 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def tiny_unet(sample_size=16) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8,
-                       num_class_embeds=11).eval()
-
-
 @pytest.fixture
-def model():
-    return DiffusionModel(tiny_unet(), name="tiny-gpu", num_classes=10)
+def model(tiny_unet):
+    return DiffusionModel(tiny_unet(num_class_embeds=11, size=16, channels=(32, 64, 64), attention_at=(1,)), name="tiny-gpu", num_classes=10)
 
 
 @pytest.fixture

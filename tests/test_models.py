@@ -9,17 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from companion import assets, data, models, train
+from companion import assets, data, models, quality, recipes, train
 from companion.models import TRAIN_SCHEDULE, DiffusionModel, ModelError
 from companion.nets import NoisyClassifier
 
-SHIPPED = train.all_recipes()
-DIFFUSION = [n for n, r in SHIPPED.items() if r.kind in ("pixel", "latent", "sr")]
+# every recipe trained by the training loop (the feature networks' cards are checked in test_features.py)
+SHIPPED = {n: r for n, r in recipes.all_recipes().items() if issubclass(r.task, train.Task)}
+DIFFUSION = [n for n, r in SHIPPED.items() if issubclass(r.task, train.DiffusionTask)]
 
 
 @pytest.fixture(scope="module")
 def judge():
-    clf, test_acc = train.digits_reference_classifier()
+    clf, test_acc = quality.digits_reference_classifier()
     assert test_acc > 0.9
     return clf
 
@@ -166,19 +167,10 @@ def test_unknown_name_lists_the_bundled_models():
 
 
 # ------------------------------------------------------------------------------------------------ diffusers folders and the Hub
-def _tiny_unet(**kw):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    cfg = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    return UNet2DModel(**dict(cfg, **kw))
-
-
-def test_diffusers_pipeline_folder_loads_as_a_diffusion_model(tmp_path, no_unpickling):
+def test_diffusers_pipeline_folder_loads_as_a_diffusion_model(tmp_path, no_unpickling, tiny_unet):
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    unet = _tiny_unet()
+    unet = tiny_unet(channels=(8, 16))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**TRAIN_SCHEDULE)).save_pretrained(tmp_path / "pipe")
     model = models.load(tmp_path / "pipe", device="cpu")
     assert isinstance(model, DiffusionModel) and model.sample_shape == (1, 8, 8) and not model.conditional
@@ -191,17 +183,17 @@ def test_diffusers_pipeline_folder_loads_as_a_diffusion_model(tmp_path, no_unpic
     assert torch.isfinite(imgs).all()
 
 
-def test_diffusers_folder_errors(tmp_path):
+def test_diffusers_folder_errors(tmp_path, tiny_unet):
     from diffusers import AutoencoderKL
 
-    _tiny_unet().save_pretrained(tmp_path / "bare")
+    tiny_unet(channels=(8, 16)).save_pretrained(tmp_path / "bare")
     with pytest.raises(ModelError, match="no scheduler/scheduler_config.json.*save the whole pipeline"):
         models.load(tmp_path / "bare")
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "vae")
     with pytest.raises(ModelError, match="holds a 'AutoencoderKL', not a UNet2DModel"):
         models.load(tmp_path / "vae")
     pickled = tmp_path / "pickled"
-    _tiny_unet().save_pretrained(pickled / "unet", safe_serialization=False)
+    tiny_unet(channels=(8, 16)).save_pretrained(pickled / "unet", safe_serialization=False)
     (pickled / "scheduler").mkdir()
     (pickled / "scheduler" / "scheduler_config.json").write_text(json.dumps(TRAIN_SCHEDULE))
     with pytest.raises(ModelError, match="no .safetensors weights.*never loaded"):

@@ -173,3 +173,14 @@ def test_ablation_shows_unipc_needs_lower_order_final_and_refuses_unknown_option
     assert e["lower_order_final=False"] == math.inf
     with pytest.raises(ValueError, match="has no option"):
         Od.ablation_errors(["ddim"], {"lower_order_final": False}, [10], mixture)
+
+
+def test_order_command_prints_measured_orders(capsys):
+    from companion import cli
+
+    assert cli.main(["order", "ddim", "heun", "--steps", "100,200", "--dim", "2", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    orders = {line.split()[0]: float(line.split()[2]) for line in out.strip().splitlines()}
+    assert orders["ddim"] == pytest.approx(1.0, abs=0.1) and orders["heun"] == pytest.approx(2.0, abs=0.2)
+    assert cli.main(["order", "euler_a", "--dim", "2"]) == 2
+    assert "stochastic" in capsys.readouterr().err

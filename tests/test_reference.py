@@ -8,7 +8,8 @@ import torch
 
 from companion import oracle as O
 from companion.errors import CacheWarning
-from companion.reference import ReferenceDistance, ReferenceSolutions, model_fingerprint, solve_ode
+from companion.provenance import model_fingerprint
+from companion.reference import ReferenceDistance, ReferenceSolutions, solve_ode
 from companion.sampling import sample
 
 

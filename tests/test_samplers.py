@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler, UNet2DModel
+from diffusers import LMSDiscreteScheduler
 
 from companion import assets, distill
 from companion import oracle as O
@@ -18,24 +18,7 @@ from companion.sampling import sample
 COMBOS = [(k, sp) for k, spec in S.REGISTRY.items() for sp in spec.spacings]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI/dev machines have 2 shared cores: two intra-op threads on a busy machine are ~50x slower for tiny nets.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_unet(in_channels=1, out_channels=1, num_class_embeds=None, size=8, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=out_channels, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8, num_class_embeds=num_class_embeds).eval()
-
-
-def tiny_model(**kw):
-    return DiffusionModel(tiny_unet(**kw), name="tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 shared cores, tiny nets
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +28,8 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def unet_model():
-    return tiny_model()
+def unet_model(tiny_unet):
+    return DiffusionModel(tiny_unet(), name="tiny")
 
 
 def bundled_diffusion_models():
@@ -227,7 +210,7 @@ def test_nfe_matches_a_counting_wrapper(oracle, key, steps):
 
 
 @pytest.mark.parametrize("key", ["ddim", "heun", "dpmpp_2m", "pndm", "euler_a"])
-def test_classifier_free_guidance_counts_both_halves(key):
+def test_classifier_free_guidance_counts_both_halves(key, tiny_unet):
     model = DiffusionModel(tiny_unet(num_class_embeds=4), name="tiny-cond", num_classes=3)
     counted = CountingModel(model, batch=2)
     res = sample(counted, key, 5, batch=2, guidance=2.0, class_labels=torch.tensor([0, 2]))

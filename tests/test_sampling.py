@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler
 
 from companion import oracle as O
 from companion import samplers as S
@@ -14,20 +14,7 @@ from companion.models import TRAIN_SCHEDULE, DiffusionModel
 from companion.sampling import SamplingError, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: two intra-op threads on a busy machine are ~50x slower for tiny nets.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_unet(in_channels=1, out_channels=1, num_class_embeds=None, size=8, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=out_channels, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8, num_class_embeds=num_class_embeds).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 shared cores, tiny nets
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +23,12 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def unet_model():
+def unet_model(tiny_unet):
     return DiffusionModel(tiny_unet(), name="tiny")
 
 
 @pytest.fixture(scope="module")
-def cond_model():
+def cond_model(tiny_unet):
     return DiffusionModel(tiny_unet(num_class_embeds=4), name="tiny-cond", num_classes=3)
 
 
@@ -212,7 +199,7 @@ def test_classifier_guidance_steers_every_sampler(oracle, key):
 
 # --------------------------------------------------------------------------------------------- model kinds
 
-def test_latent_model_is_decoded_at_the_end():
+def test_latent_model_is_decoded_at_the_end(tiny_unet):
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -224,7 +211,7 @@ def test_latent_model_is_decoded_at_the_end():
     assert torch.allclose(res.images, model.decode(res.samples), atol=1e-5)
 
 
-def test_super_resolution_stage_uses_cond():
+def test_super_resolution_stage_uses_cond(tiny_unet):
     model = DiffusionModel(tiny_unet(in_channels=2), name="tiny-sr", sample_shape=(1, 8, 8), cond_shape=(1, 4, 4))
     lo = torch.linspace(-1, 1, 2 * 16).reshape(2, 1, 4, 4)
     a = sample(model, "ddim", 4, batch=2, cond=lo)

@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from companion.models import DiffusionModel
 from companion.oracle import toy_mixture
@@ -38,19 +37,10 @@ BF16_REL_MIN = 1e-4
 FP32_ABS_TOL = 1e-5
 
 
-def tiny_unet(num_class_embeds=None, attention=True) -> UNet2DModel:
-    torch.manual_seed(0)
-    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
-    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=down, up_block_types=up, norm_num_groups=8, attention_head_dim=8,
-                       add_attention=attention, num_class_embeds=num_class_embeds).eval()
-
-
 @pytest.fixture(scope="module")
-def model():
+def model(tiny_unet):
     """A class-conditional tiny UNet with attention (10 classes + the null class)."""
-    return DiffusionModel(tiny_unet(num_class_embeds=11), name="tiny-attn", num_classes=10)
+    return DiffusionModel(tiny_unet(num_class_embeds=11, attention_at=(1,)), name="tiny-attn", num_classes=10)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +165,8 @@ def test_sdpa_and_classic_attention_match(model, batch):
         assert (a - b).abs().max().item() < FP32_ABS_TOL
 
 
-def test_sdpa_on_a_network_without_attention_says_so():
-    plain = DiffusionModel(tiny_unet(attention=False), name="tiny-plain")
+def test_sdpa_on_a_network_without_attention_says_so(tiny_unet):
+    plain = DiffusionModel(tiny_unet(mid_attention=False), name="tiny-plain")
     acc = accelerate(plain, SpeedOptions(sdpa=False))
     assert acc.applied["sdpa"] is False
     assert any("no attention layers" in n for n in acc.notes)

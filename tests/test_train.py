@@ -1,29 +1,36 @@
-"""companion.train: recipes train end to end, resume exactly, save safetensors only, and fail clearly."""
+"""companion.train and companion.recipes: recipes train end to end, resume exactly, save safetensors only, and
+fail clearly; the recipe table is explicit data that no module changes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+from types import MappingProxyType
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from companion import assets, models, train
+from companion import assets, data, models, recipes, train
+from companion.cli import add_train
+from companion.features import FeatureNet
 from companion.models import TRAIN_SCHEDULE, DiffusionModel
 
-TINY_UNET = dict(unet=train._unet(16, 1, 1, (8, 16, 16), num_classes=10), batch=16)
+TINY_UNET = dict(unet=recipes.unet_config(16, 1, 1, (8, 16, 16), num_classes=10), batch=16)
 
 
 def _run(tmp_path, name="digits-cond", steps=4, sub="m", **kw):
     kw.setdefault("config", TINY_UNET if name == "digits-cond" else None)
-    return train.run_recipe(name, steps=steps, out=tmp_path / sub, progress=False, measure=kw.pop("measure", False), **kw)
+    return recipes.run_recipe(name, steps=steps, out=tmp_path / sub, progress=False, measure=kw.pop("measure", False), **kw)
 
 
 def test_recipes_are_complete_and_use_the_linear_schedule():
-    assert set(train.RECIPES) >= {"digits-cond", "digits-noisy-clf", "shapes-ae", "shapes-latent", "shapes-pixel",
-                                  "shapes-base16", "shapes-sr32"}
-    for name, r in train.RECIPES.items():
+    assert set(recipes.RECIPES) >= {"digits-cond", "digits-noisy-clf", "shapes-ae", "shapes-latent", "shapes-pixel",
+                                    "shapes-base16", "shapes-sr32", "features-digits", "features-shapes"}
+    for name, r in recipes.RECIPES.items():
         assert r.description and r.steps > 0 and isinstance(r.seed, int), name
-        assert r.kind in train._TASKS, name
+        assert r.task is FeatureNet or issubclass(r.task, train.Task), name
         if "unet" in r.config and r.config.get("num_classes"):
             assert r.config["unet"]["num_class_embeds"] == r.config["num_classes"] + 1  # + the "no class" label
     assert TRAIN_SCHEDULE["beta_schedule"] == "linear"
@@ -83,10 +90,10 @@ def test_noisy_classifier_recipe_trains_and_measures(tmp_path, no_unpickling):
 
 
 def test_autoencoder_and_latent_recipes_chain(tmp_path):
-    ae_cfg = dict(vae=dict(train.RECIPES["shapes-ae"].config["vae"], block_out_channels=[8, 8, 8], norm_num_groups=8), batch=8)
+    ae_cfg = dict(vae=dict(recipes.RECIPES["shapes-ae"].config["vae"], block_out_channels=[8, 8, 8], norm_num_groups=8), batch=8)
     ae = _run(tmp_path, "shapes-ae", steps=2, sub="ae", config=dict(ae_cfg, limit=200))
     assert assets.read_card(ae)["kind"] == "autoencoder"
-    lat_cfg = dict(autoencoder=str(ae), unet=train._unet(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8, limit=200)
+    lat_cfg = dict(autoencoder=str(ae), unet=recipes.unet_config(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8, limit=200)
     lat = models.load(_run(tmp_path, "shapes-latent", steps=2, sub="lat", config=lat_cfg), device="cpu")
     assert lat.is_latent and lat.sample_shape == (4, 8, 8) and lat.image_shape == (3, 32, 32)
     assert lat.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
@@ -98,13 +105,13 @@ def test_v_prediction_recipe_learns_v_and_samples_through_eps(tmp_path):
     returns eps (the samplers' interface)."""
     from companion.schedules import alphas_cumprod
 
-    tiny = dict(unet=train._unet(16, 3, 3, (8, 16, 16)), batch=16, limit=64)
-    nets = {p: models.load(train.run_recipe("shapes-base16", steps=60, out=tmp_path / p, progress=False, measure=False,
+    tiny = dict(unet=recipes.unet_config(16, 3, 3, (8, 16, 16)), batch=16, limit=64)
+    nets = {p: models.load(recipes.run_recipe("shapes-base16", steps=60, out=tmp_path / p, progress=False, measure=False,
                                             config=dict(tiny, prediction=p)), device="cpu")
             for p in ("epsilon", "v_prediction")}
     assert nets["v_prediction"].prediction == "v_prediction" and nets["v_prediction"].card["prediction"] == "v_prediction"
     assert nets["v_prediction"].scheduler_config["prediction_type"] == "epsilon"  # what predict_noise returns
-    x = train._images(dict(data="shapes", size=16))[0][:32]
+    x = data.images("shapes", 16)[0][:32]
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     abar = float(alphas_cumprod("linear")[600])
     x_t = abar**0.5 * x + (1 - abar) ** 0.5 * noise
@@ -120,14 +127,18 @@ def test_v_prediction_recipe_learns_v_and_samples_through_eps(tmp_path):
 
 def test_unknown_recipe_and_bad_steps():
     with pytest.raises(KeyError, match="unknown recipe 'digits-xl'; valid recipes: digits-cond, "):
-        train.run_recipe("digits-xl")
+        recipes.run_recipe("digits-xl")
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        train.run_recipe("digits-cond", steps=0)
+        recipes.run_recipe("digits-cond", steps=0)
+    with pytest.raises(KeyError, match="unknown recipe group 'digits-nope'; valid: digits-pd, digits-design"):
+        recipes.run_group("digits-nope")
+    with pytest.raises(ValueError, match="features-digits trains in one go"):
+        recipes.run_recipe("features-digits", resume=True)
 
 
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="companion")
-    train.add_cli(parser.add_subparsers(dest="command"))
+    add_train(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -135,7 +146,7 @@ def _cli(argv):
 def test_cli_list_and_unknown_name(capsys):
     assert _cli(["train", "--list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in train.RECIPES)
+    assert all(name in out for name in [*recipes.RECIPES, *recipes.GROUPS])
     assert _cli(["train", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'nope'" in err and "digits-cond" in err
@@ -143,9 +154,57 @@ def test_cli_list_and_unknown_name(capsys):
 
 def test_cli_trains(tmp_path, capsys, monkeypatch):
     # the CLI path with the recipe's own network is too slow for a test: shrink the recipe's config
-    tiny = train.Recipe(**{**train.RECIPES["digits-cond"].__dict__, "config": {**train.RECIPES["digits-cond"].config, **TINY_UNET}})
-    monkeypatch.setitem(train.RECIPES, "digits-cond", tiny)
+    tiny = dataclasses.replace(recipes.RECIPES["digits-cond"], config={**recipes.RECIPES["digits-cond"].config, **TINY_UNET})
+    monkeypatch.setattr(recipes, "RECIPES", MappingProxyType({**recipes.RECIPES, "digits-cond": tiny}))
     assert _cli(["train", "digits-cond", "--steps", "2", "--out", str(tmp_path / "cli"), "--no-measure"]) == 0
     assert assets.read_card(tmp_path / "cli")["training_steps"] == 2
     assert _cli(["train", "digits-cond", "--steps", "3", "--out", str(tmp_path / "cli"), "--no-measure", "--resume"]) == 0
     assert assets.read_card(tmp_path / "cli")["training_steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ the recipe table
+def test_every_recipe_resolves_to_a_task_a_config_and_its_dependencies():
+    for name, r in recipes.all_recipes().items():
+        assert recipes.recipe(name) is r and r.name == name
+        assert isinstance(r.config, dict) and {"data", "size", "batch", "lr"} <= set(r.config), name
+        assert all(dep in recipes.RECIPES for dep in r.depends_on), name
+        assert r.quality is None or callable(r.quality), name
+        if r.config.get("teacher"):
+            assert r.config["teacher"] in r.depends_on, name
+
+
+def test_groups_resolve_to_recipes_in_order():
+    assert set(recipes.GROUPS) == {"digits-pd", "digits-design"}
+    for group, members in recipes.GROUPS.items():
+        assert members and all(m in recipes.RECIPES for m in members), group
+    pd = recipes.GROUPS["digits-pd"]
+    assert all(recipes.RECIPES[b].config["teacher"] == a for a, b in zip(pd, pd[1:]))  # each stage learns from the last
+
+
+def test_unknown_recipe_names_the_valid_ones():
+    with pytest.raises(KeyError) as e:
+        recipes.recipe("digits-xl")
+    assert "unknown recipe 'digits-xl'; valid recipes: " in str(e.value)
+    assert all(name in str(e.value) for name in recipes.RECIPES)
+    with pytest.raises(KeyError, match="no quality measurement for 'features-digits'; valid: digits-cond, "):
+        recipes.measure_quality(assets.models_dir() / "features-digits", "features-digits")
+
+
+def test_the_tables_are_read_only_and_no_module_changes_them():
+    """Importing any companion module (distill, features, design, ...) after the table leaves it as it was."""
+    code = (
+        "import importlib, pkgutil, companion\n"
+        "from companion import recipes\n"
+        "snap = lambda: repr([(n, r.task, r.config, r.steps, r.quality) for n, r in recipes.RECIPES.items()]) + repr(dict(recipes.GROUPS))\n"
+        "before = snap()\n"
+        "for m in pkgutil.iter_modules(companion.__path__):\n"
+        "    if m.name != '__main__':\n"
+        "        importlib.import_module('companion.' + m.name)\n"
+        "assert snap() == before, 'a module changed the recipe table on import'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.raises(TypeError):
+        recipes.RECIPES["digits-new"] = recipes.RECIPES["digits-cond"]
+    with pytest.raises(TypeError):
+        recipes.GROUPS["digits-new"] = ("digits-cond",)

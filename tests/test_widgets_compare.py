@@ -90,7 +90,7 @@ def test_identical_configurations_give_an_exactly_zero_difference(tiny_model):
     assert png_pixels(p.diff_image.value).max() == 255  # the grid's white separators...
     assert "identical images" in p.diff_caption.value
     # ...and every image cell black: the difference grid is the grid of a zero batch
-    from companion.widgets import grid_png
+    from companion.plots import grid_png
 
     assert p.diff_image.value == grid_png(torch.full((6, 1, 8, 8), -1.0))
 
@@ -99,7 +99,7 @@ def test_the_difference_image_follows_its_stated_scale(tiny_model):
     p = panel(tiny_model, diff_scale=0.5)
     d = p.history[-1].difference
     assert "white 0.5 or more (fixed scale)" in p.diff_caption.value
-    from companion.widgets import grid_png
+    from companion.plots import grid_png
 
     assert p.diff_image.value == grid_png((d / 0.5).clamp(0, 1) * 2 - 1)
 

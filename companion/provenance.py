@@ -1,0 +1,94 @@
+"""What produced a result: the model as it is in memory, the library versions, the companion's own code, the
+machine. Cache keys are digests of these, so a cached result is served only when nothing that changes it changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections import OrderedDict
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .speed import describe as describe_speed
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIBRARIES = ("torch", "diffusers", "torchmetrics", "scipy", "numpy")
+
+
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 of the companion's own source (every module of the package): an edit to any of them is a new code
+    version, whether or not the package version number moved."""
+    h = hashlib.sha256()
+    for p in sorted(PACKAGE_DIR.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict:
+    """Versions of the libraries a result depends on, and the companion's source digest."""
+    out = {}
+    for pkg in LIBRARIES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    out["torch_build"] = torch.__version__
+    out["companion_source"] = source_digest()[:16]
+    return out
+
+
+def machine() -> dict:
+    """The hardware a timing was taken on (part of a timing's key, not of a quality's)."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "gpu": gpu}
+
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    _tensor_digest(h, torch.as_tensor(t))
+    return h.hexdigest()
+
+
+_FINGERPRINTS: "OrderedDict[tuple, str]" = OrderedDict()
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of what the model computes *now*: its weights and buffers as they are in memory (not as loaded), its
+    class, training schedule and speed wrapper. A model changed in place gets a new fingerprint.
+
+    Hashing a few MB of weights costs milliseconds, so the digest is memoised per model object and per state of its
+    tensors: torch bumps a tensor's version counter on every in-place change (``p.mul_(0.5)``, an optimiser step)
+    and assigning new data changes its storage pointer, and both are part of the memo key."""
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    memo = (id(model), tuple((k, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for k, t in state.items()))
+    if memo in _FINGERPRINTS:
+        _FINGERPRINTS.move_to_end(memo)
+        return _FINGERPRINTS[memo]
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    if state:
+        for name, t in sorted(state.items()):
+            h.update(name.encode())
+            _tensor_digest(h, t)
+    else:
+        h.update(str(getattr(model, "sha256", id(model))).encode())
+    h.update(json.dumps(getattr(model, "scheduler_config", {}), sort_keys=True, default=str).encode())
+    h.update(json.dumps(describe_speed(model), sort_keys=True, default=str).encode())
+    digest = _FINGERPRINTS[memo] = h.hexdigest()
+    if len(_FINGERPRINTS) > 256:
+        _FINGERPRINTS.popitem(last=False)
+    return digest
