@@ -18,6 +18,8 @@ import hashlib
 import itertools
 import json
 import os
+import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -28,13 +30,15 @@ import torch
 
 from . import metrics as M
 from .device import randn
+from .features import default_feature_net_name, load_feature_net
 from .models import load
+from .provenance import machine, model_fingerprint, versions
 from .reference import reference
 from .samplers import get as get_sampler
 from .sampling import sample
 from .errors import CacheWarning  # noqa: F401  (raised here; defined with the others)
 
-BENCH_VERSION = "3"  # bump when a row's definition changes: old cache entries are then not reused
+BENCH_VERSION = "4"  # bump when a row's definition changes: old cache entries are then not reused
 # ode_distance is opt-in: its reference is a DOP853 solve costing hundreds of network evaluations per seed.
 DEFAULT_METRICS = ("fd", "prdc", "class_accuracy")
 ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
@@ -66,10 +70,18 @@ def _jsonable(v):
 
 def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
                metrics: Sequence[str], feature: str | None, n_ode: int) -> dict:
-    """Everything a run's result depends on: the cache key is a digest of this."""
+    """Everything a run's result depends on: the cache key is a digest of this.
+
+    The model enters as its fingerprint as it is in memory (weights, class, schedule, speed wrapper), not the
+    sha256 it was loaded with, so a model changed in place or wrapped with speed options is a new model; the
+    feature network the image metrics use enters the same way; library versions and the companion's own source
+    digest, and the machine (rows hold timings), complete it.
+    """
+    image_metrics = [m for m in metrics if m in M.IMAGE_METRICS]
+    feature_name = (feature or default_feature_net_name(model.image_shape)) if image_metrics else None
     return {
         "model": getattr(model, "name", "model"),
-        "model_sha256": model.sha256,
+        "model_fingerprint": model_fingerprint(model),
         "sampler": sampler,
         "steps": int(steps),
         "guidance": None if guidance is None else float(guidance),
@@ -78,21 +90,13 @@ def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: i
         "n_samples": int(n_samples),
         "metrics": sorted(metrics),
         "feature": feature,
+        "feature_fingerprint": model_fingerprint(load_feature_net(feature_name)) if feature_name else None,
         "n_ode": int(n_ode),
         "bench_version": BENCH_VERSION,
         "metrics_version": M.METRICS_VERSION,
-        "companion_version": _companion_version(),
-        "torch": torch.__version__,
+        "versions": versions(),
+        "machine": machine(),
     }
-
-
-def _companion_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("companion")
-    except PackageNotFoundError:
-        return "source"
 
 
 def cache_key(config: dict) -> str:
@@ -123,7 +127,12 @@ class RunCache:
             folder = default_cache_dir()
         self.folder = Path(folder) if folder is not False else None
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise ValueError(f"cache folder {self.folder} exists and is not a folder; give a folder or False (no cache)") from None
+            except OSError as e:  # read-only parent: still read what is there, never write
+                warnings.warn(f"cannot create cache folder {self.folder} ({e}); runs will not be cached", CacheWarning, stacklevel=2)
 
     def path(self, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}.json"
@@ -146,12 +155,23 @@ class RunCache:
             return None
 
     def put(self, key: str, config: dict, row: dict) -> None:
+        """Store a finished run. A folder that cannot be written (read-only, full) warns and keeps going: the
+        sweep's results are returned all the same, only not kept for next time."""
         p = self.path(key)
         if p is None:
             return
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"config": config, "row": row}, indent=1, default=str))  # row keeps its column order
-        os.replace(tmp, p)  # atomic: a reader sees the old entry or the whole new one, never half
+        # unique per process *and* thread: two sweeps of one grid in one kernel may write the same key at once
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_text(json.dumps({"config": config, "row": row}, indent=1, default=str))  # row keeps its column order
+            os.replace(tmp, p)  # atomic: a reader sees the old entry or the whole new one, never half
+        except OSError as e:
+            warnings.warn(f"could not write cache entry {p} ({type(e).__name__}: {e}); this run is not cached",
+                          CacheWarning, stacklevel=3)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------------------------- measuring

@@ -55,7 +55,7 @@ def machine() -> dict:
 def _tensor_digest(h, t: torch.Tensor) -> None:
     t = t.detach().to("cpu").contiguous()
     h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def tensor_digest(t: torch.Tensor) -> str:

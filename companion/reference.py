@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -195,10 +196,15 @@ class ReferenceSolutions:
 
     @staticmethod
     def _save(path: Path, ref: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"x0": ref.contiguous()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        """Keep a solution on disk; a folder that cannot be written warns (the solution is returned all the same)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per process and thread
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"x0": ref.contiguous()}, str(tmp))
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except OSError as e:
+            warnings.warn(f"could not write reference {path} ({type(e).__name__}: {e}); it is kept in memory only",
+                          CacheWarning, stacklevel=4)
 
     def clear(self) -> None:
         self._memory.clear()
