@@ -276,8 +276,12 @@ def add_train(subparsers) -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help=f"recipe name: {', '.join(recipes.RECIPES)}")
     p.add_argument("--list", action="store_true", help="list the recipes")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    p.add_argument("--out", default=None, help="output folder (default: assets/models/NAME)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/NAME, or $COMPANION_RUNS/NAME)")
+    p.add_argument("--install", action="store_true",
+                   help="write into the bundled model's folder (assets/models/NAME), replacing the bundled model")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint/")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint and output instead of keeping them as *.previous-<time>")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads for torch (default {TRAIN_THREADS}; $COMPANION_TRAIN_THREADS); use all cores on an idle machine")
@@ -299,13 +303,18 @@ def cmd_train(args) -> int:
     try:
         if args.name in recipes.GROUPS:
             outs = recipes.run_group(args.name, steps=args.steps, out_dir=args.out, resume=args.resume, seed=args.seed,
-                             measure=not args.no_measure, threads=args.threads)
+                                     measure=not args.no_measure, threads=args.threads, install=args.install,
+                                     keep=not args.overwrite)
         else:
             outs = [recipes.run_recipe(args.name, steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
-                               measure=not args.no_measure, threads=args.threads)]
+                                       measure=not args.no_measure, threads=args.threads, install=args.install,
+                                       keep=not args.overwrite)]
     except (FileNotFoundError, ValueError, ModelError, assets.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # train.Interrupted: the checkpoint is saved; say where and how to go on
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     for out in outs:
         card = assets.read_card(out)
         keys = (("recipe", "steps", "train_time_s", "final_loss", "test_accuracy") if card.get("kind") == FEATURES_KIND

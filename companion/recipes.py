@@ -217,8 +217,10 @@ def recipe(name: str) -> Recipe:
 # ---------------------------------------------------------------------------------------------------------
 def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = None, resume: bool = False,
                seed: int | None = None, progress: bool = True, config: dict | None = None,
-               measure: bool = True, threads: int | None = None) -> Path:
-    """Train recipe ``name`` and write the model (card included) to ``out`` (default ``assets/models/<name>``).
+               measure: bool = True, threads: int | None = None, install: bool = False, keep: bool = True) -> Path:
+    """Train recipe ``name`` and write the model (card included) to ``out`` (default ``runs/<name>``; with
+    ``install`` the bundled ``assets/models/<name>``, which is refused otherwise). ``keep``: move an existing
+    checkpoint or output aside (``*.previous-<time>``) instead of overwriting it.
 
     ``steps``/``seed`` override the recipe's defaults; ``config`` overrides top-level config entries (e.g. a
     tiny network for tests); ``resume`` continues from ``<out>.checkpoint/``. ``measure`` runs the recipe's
@@ -231,14 +233,17 @@ def run_recipe(name: str, *, steps: int | None = None, out: str | Path | None = 
         raise ValueError(f"steps must be >= 1, got {steps}")
     seed = rec.seed if seed is None else int(seed)
     cfg = dict(rec.config, **(config or {}))
-    out = Path(out) if out is not None else train.default_out(name)
+    out = Path(out) if out is not None else train.default_out(name, install=install)
+    train.check_out(out, install=install)
     with train.threads(threads):
         if rec.task is FeatureNet:  # the feature networks' own short loop: no EMA, no checkpoints
             if resume:
                 raise ValueError(f"{name} trains in one go (no checkpoints to resume from); run it without --resume")
+            if keep and not install:
+                train.keep_previous(out)
             train_feature_net(rec.name, cfg, out, steps=steps, seed=seed, progress=progress)
         else:
-            train.run(rec, cfg, steps=steps, seed=seed, out=out, resume=resume, progress=progress)
+            train.run(rec, cfg, steps=steps, seed=seed, out=out, resume=resume, progress=progress, install=install, keep=keep)
         if measure and rec.quality is not None:
             measure_quality(out, rec.name, progress=progress, threads=torch.get_num_threads())
     return out
@@ -255,6 +260,8 @@ def run_group(group: str, *, out_dir: str | Path | None = None, config: dict | N
     if group not in GROUPS:
         raise KeyError(f"unknown recipe group {group!r}; valid: {', '.join(GROUPS)}")
     outs: list[Path] = []
+    if out_dir is None and not kwargs.get("install"):
+        out_dir = train.runs_dir()  # members learn from the stage trained just before them, not the bundled one
     for name in GROUPS[group]:
         cfg = dict(config or {})
         out = None

@@ -26,6 +26,8 @@ import copy
 import json
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -305,18 +307,92 @@ def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: 
             be.copy_(bn)
 
 
-def default_out(name: str) -> Path:
-    return assets.models_dir() / name
+RUNS_ENV = "COMPANION_RUNS"
 
 
-def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = False, progress: bool = True) -> Path:
+def runs_dir() -> Path:
+    """Where ``companion train`` writes unless told otherwise: ``$COMPANION_RUNS`` or ``./runs``. Never the bundled
+    models: replacing one of those takes ``--install``."""
+    return Path(os.environ.get(RUNS_ENV, "runs"))
+
+
+def default_out(name: str, *, install: bool = False) -> Path:
+    """The output folder of recipe ``name``: ``runs/NAME``, or the bundled ``assets/models/NAME`` with ``install``."""
+    return assets.models_dir() / name if install else runs_dir() / name
+
+
+def check_out(out: Path, *, install: bool) -> None:
+    """Refuse to write into a bundled model's folder unless ``install`` says so (it would silently replace it)."""
+    bundled = assets.models_dir().resolve()
+    try:
+        inside = out.resolve().parent == bundled
+    except OSError:
+        inside = False
+    if inside and not install:
+        raise ValueError(f"{out} is a bundled model's folder: training there replaces the bundled model; pass --install "
+                         f"(install=True) to do that on purpose, or choose another --out (default: {runs_dir() / out.name})")
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Move an existing ``path`` aside to ``path.previous-<UTC time>`` (never overwritten); returns where it went."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = path.with_name(f"{path.name}.previous-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.previous-{stamp}-{n}")
+        n += 1
+    path.rename(dest)
+    return dest
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM; the checkpoint was saved first (``checkpoint`` says where)."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt in the training loop, so they save a checkpoint like Ctrl-C.
+    Only the main thread can install signal handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    saved = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+
+
+def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = False, progress: bool = True,
+        install: bool = False, keep: bool = True) -> Path:
     """Train ``rec.task`` (a :class:`Task` subclass) with config ``cfg`` for ``steps`` steps; write the EMA model to ``out``.
 
     ``rec`` is the recipe (:class:`companion.recipes.Recipe`: name, description, default steps and seed, task);
-    ``resume`` continues from ``<out>.checkpoint/``. Returns ``out``.
+    ``resume`` continues from ``<out>.checkpoint/``. Without ``resume`` an existing checkpoint (and, outside the
+    bundled models, an existing output) is moved aside to ``*.previous-<time>`` first unless ``keep=False``.
+    ``install`` is required to write into a bundled model's folder. Ctrl-C or SIGTERM save a checkpoint at the
+    current step and raise :class:`Interrupted`. Returns ``out``.
     """
     name = rec.name
+    out = Path(out)
+    check_out(out, install=install)
     ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    if not resume and keep:
+        kept = keep_previous(ckpt)
+        if kept is not None:
+            print(f"{name}: an earlier checkpoint was kept in {kept} (resume it with --resume after moving it back)")
 
     torch.manual_seed(seed)  # network initialisation
     task = rec.task(rec, cfg)
@@ -335,6 +411,23 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
     bar = tqdm(total=steps, initial=min(state["step"], steps), desc=name, disable=not progress, dynamic_ncols=True)
     last_ckpt = time.perf_counter()
     t_start = time.perf_counter() - state["seconds"]
+    with _sigterm_as_interrupt():
+        try:
+            _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start)
+        except KeyboardInterrupt as e:
+            bar.close()
+            _save_checkpoint(ckpt, net, ema, opt, g, state, task.checkpoint_modules())
+            raise Interrupted(f"{name}: interrupted ({e or 'Ctrl-C'}) at step {state['step']} of {steps}; checkpoint saved "
+                              f"to {ckpt}; continue with --resume", ckpt) from None
+    bar.close()
+    if not resume and keep and not install:
+        kept = keep_previous(out)
+        if kept is not None:
+            print(f"{name}: the earlier model in {out} was kept in {kept}")
+    return _finish(rec, task, ema, state, losses, cfg, seed, steps, out)
+
+
+def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start) -> None:
     while state["step"] < steps:
         step = state["step"]
         for group in opt.param_groups:
@@ -356,8 +449,10 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
         if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S or state["step"] == steps:
             _save_checkpoint(ckpt, net, ema, opt, g, state, task.checkpoint_modules())
             last_ckpt = time.perf_counter()
-    bar.close()
 
+
+def _finish(rec, task, ema, state, losses, cfg, seed, steps, out) -> Path:
+    name = rec.name
     card = {
         "recipe": rec.name,
         "description": rec.description,
