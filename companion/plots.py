@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .bench import HIGHER_IS_BETTER, pareto_front, pareto_mask  # noqa: F401  (public here too: figures use them)
+from .bench import quality_columns, run_labels, summary_table
 
 AXIS_LABELS = {
     "wall_s": "wall time per run (s)",
@@ -175,8 +176,6 @@ def speed_quality_figure(df, x: str = "wall_s", y: str = "fd", color: str = "sam
 def html_report(df, path: str | Path, title: str = "companion bench") -> Path:
     """A self-contained interactive HTML page of a :func:`companion.bench.sweep` table (plotly.js inlined: works
     offline): one speed/quality figure per quality column and cost axis, then every run."""
-    from .bench import quality_columns, run_labels, summary_table
-
     path = Path(path)
     parts = []
     first = True

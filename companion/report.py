@@ -11,6 +11,7 @@ from typing import Mapping
 
 import pandas as pd
 
+from .metrics import evaluate_images
 from .plots import grid_png
 from .samplers import REGISTRY
 
@@ -93,8 +94,6 @@ def quality_row(label: str, run, labels, *, start=None) -> dict:
     images measured as they are (a start image without diffusion: 0 NFE, 0 s). ``labels``: the classes the
     images were drawn for. ``start``: the images the run started from (``RMS from start`` is NaN without).
     """
-    from .metrics import evaluate_images
-
     if hasattr(run, "record"):
         images, nfe, wall_s = run.images.clamp(-1, 1), run.record.nfe, run.record.wall_s
     else:

@@ -209,7 +209,7 @@ def check_grid(spec, sched, steps: int, spacing: str, n_train: int) -> None:
     (``t = (N - 1) * (T // (N + 1))``), and at 1000 steps every timestep is 0; a step count that does not divide T
     does the same to DDIM's and Euler's ``leading`` grid (143 steps start at t = 852); ``linspace`` at T steps
     repeats a timestep. A grid must start within 1.5 step widths of the last training timestep (``leading`` spacing
-    starts one step width below it by design) and, for single-stage solvers, never repeat a timestep.
+    starts one step width below it by design) and, on a timestep grid, a single-stage solver never repeats a timestep.
     """
     ts = [float(t) for t in sched.timesteps]
     if not ts:
@@ -220,9 +220,10 @@ def check_grid(spec, sched, steps: int, spacing: str, n_train: int) -> None:
             f"{spec.key} with {steps} {spacing!r} steps starts at t = {ts[0]:g}, {(n_train - 1 - ts[0]) / width:.1f} step widths "
             f"below the last training timestep {n_train - 1}: the chain would skip its noisiest part (a diffusers grid "
             f"quirk at this step count). Use spacing='trailing', or a step count that divides {n_train}")
-    # two-stage solvers, and PNDM/PLMS (Runge-Kutta warm-up, 2-evaluation first step) revisit timesteps by design
+    # two-stage solvers, and PNDM/PLMS (Runge-Kutta warm-up, 2-evaluation first step) revisit timesteps by design;
+    # on sigma grids (karras, exponential) the timesteps are rounded labels of distinct noise levels
     staged = int(getattr(sched, "order", 1)) > 1 or spec.diffusers_class == "PNDMScheduler"
-    if not staged and any(b >= a for a, b in zip(ts, ts[1:])):
+    if spacing in registry.TIMESTEP_SPACINGS and not staged and any(b >= a for a, b in zip(ts, ts[1:])):
         dup = next(a for a, b in zip(ts, ts[1:]) if b >= a)
         raise SamplingError(f"{spec.key} with {steps} {spacing!r} steps repeats timestep {dup:g}: the grid is not strictly "
                             f"decreasing at this step count; use spacing='trailing' or fewer steps")

@@ -43,12 +43,18 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from .device import release_cpu_threads
-from .plots import difference_png, error_html, figure_html, grid_png, png_html
+from . import bench
+from . import schedules as sch
+from .device import pick_device, release_cpu_threads
+from .models import load
+from .partial import sample_from
+from .plots import AXIS_LABELS, difference_png, error_html, figure_html, grid_png, png_html
 from .reference import ReferenceDistance
-from .report import record_table
+from .report import ImageRow, record_table
 from .samplers import REGISTRY, SPACINGS
+from .samplers import get as get_sampler
 from .sampling import sample
+from .speed import DEVICE_PRECISIONS, SpeedOptions, accelerate
 
 # ------------------------------------------------------------------------------------------ runner
 
@@ -163,9 +169,6 @@ def mode_control(modes: Iterable[str], value: str | None = None) -> w.ToggleButt
 def speed_control(value: str = "fp32", device: str | None = None) -> w.Dropdown:
     """Speed options (precision, memory layout) for the network; the choices are those this device supports.
     torch.compile is left out of the panel: compiling takes minutes on a CPU (use companion.speed directly)."""
-    from .device import pick_device
-    from .speed import DEVICE_PRECISIONS
-
     kind = pick_device(device).type
     labels = []
     for prec in DEVICE_PRECISIONS.get(kind, ("fp32",)):
@@ -335,8 +338,6 @@ class SamplingSetup:
 
     def accelerated(self, model, label: str):
         """One accelerated copy per (model, speed label): preparing (or compiling) once, not every run."""
-        from .speed import SpeedOptions, accelerate
-
         key = (id(model), label)
         if key not in self._speed_cache:
             self._speed_cache[key] = accelerate(model, SpeedOptions.from_label(label))
@@ -707,13 +708,7 @@ class SweepView(_Panel):
     def __init__(self, model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
                  y: str | None = None, x: str = "wall_s", n_samples: int | None = None, metrics: Sequence[str] | None = None,
                  feature: str | None = None, cache_dir=None, n_ode: int | None = None, start: bool = True):
-        from . import bench
-        from .plots import AXIS_LABELS
-        from .samplers import get as get_sampler
-
         if isinstance(model, str):
-            from .models import load
-
             model = load(model)
         if isinstance(samplers, str) or isinstance(steps, int):
             raise TypeError("samplers and steps must be sequences, e.g. samplers=['ddim'], steps=[10, 20]")
@@ -731,7 +726,7 @@ class SweepView(_Panel):
         guidance = (guidance,) if guidance is None or isinstance(guidance, (int, float)) else tuple(guidance)
         modes = (modes,) if isinstance(modes, Mapping) else tuple(modes)
         seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
-        self.model, self.x, self.y, self._bench = model, x, y, bench
+        self.model, self.x, self.y = model, x, y
         self._grid = dict(samplers=list(samplers), steps=list(steps), guidance=guidance, modes=modes, seeds=seeds)
         self._options = dict(n_samples=bench.DEFAULT_N_SAMPLES if n_samples is None else n_samples, metrics=metrics,
                              feature=feature, cache_dir=cache_dir, n_ode=bench.DEFAULT_N_ODE if n_ode is None else n_ode)
@@ -807,7 +802,7 @@ class SweepView(_Panel):
 
     # -- the worker
     def _loop(self) -> None:
-        rows = self._bench.iter_sweep(self.model, **self._grid, **self._options, progress=False)
+        rows = bench.iter_sweep(self.model, **self._grid, **self._options, progress=False)
         try:
             for row in rows:
                 if row["cache_key"] not in self._keys:  # on resume, runs shown before come back from the cache
@@ -846,7 +841,7 @@ class SweepView(_Panel):
     def _table_html(self) -> str:
         if not self.rows:
             return ""
-        table = self._bench.summary_table(self.frame())
+        table = bench.summary_table(self.frame())
         return table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="n/a")
 
     def _show_status(self) -> None:
@@ -876,9 +871,7 @@ class ForwardPanel(_Panel):
     """A t slider over the forward process q(x_t | x_0): the noised images and where t sits on the SNR curve."""
 
     def __init__(self, images: torch.Tensor, schedules: Iterable[str] = ("linear", "cosine"), t: int = 250, seed: int = 0):
-        from . import schedules as sch
-
-        self._sch, self.images, self.seed = sch, images, seed
+        self.images, self.seed = images, seed
         self.schedules = list(schedules)
         self.t = w.IntSlider(value=t, min=0, max=999, description="t", continuous_update=False)
         self.schedule = w.Dropdown(options=self.schedules, value=self.schedules[0], description="schedule")
@@ -897,8 +890,8 @@ class ForwardPanel(_Panel):
 
     def update(self) -> None:
         t, name = self.t.value, self.schedule.value
-        xt = self._sch.noise(self.images, t, seed=self.seed, schedule=name)
-        abar = float(self._sch.alphas_cumprod(name)[t])
+        xt = sch.noise(self.images, t, seed=self.seed, schedule=name)
+        abar = float(sch.alphas_cumprod(name)[t])
         self.image.value = grid_png(xt.clamp(-1, 1), nrow=len(self.images))
         self.info.value = (f"<table><tr><td>abar_t</td><td><b>{abar:.4g}</b></td></tr>"
                            f"<tr><td>SNR(t)</td><td><b>{abar / (1 - abar):.4g}</b></td></tr>"
@@ -947,9 +940,6 @@ class PartialPanel(_Panel):
         return max(1, round(self.full_steps * (t0 + 1) / 1000))
 
     def update(self) -> None:
-        from .partial import sample_from
-        from .report import ImageRow
-
         t0 = self.t0.value
         start = self.sources[self.source.value][: self.n]
         labels = None if self.class_labels is None else self.class_labels[: self.n]

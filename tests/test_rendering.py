@@ -1,10 +1,8 @@
-"""Rendering has one home (companion.plots), run tables another (companion.report), and the import graph runs
-downward: measurement (bench) never imports presentation (plots), tables never import panels (widgets)."""
+"""Rendering has one home (companion.plots), run tables another (companion.report); the analysis figures draw
+with (Pareto fronts) lives in companion.bench. (The import graph itself is checked in test_architecture.py.)"""
 from __future__ import annotations
 
-import ast
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,26 +11,6 @@ import torch
 from PIL import Image
 
 from companion import plots, report
-
-PACKAGE = Path(__file__).resolve().parents[1] / "companion"
-
-
-def imported_modules(module: str) -> set[str]:
-    """The companion modules ``module`` imports anywhere in its file (top level or inside functions)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found.update([node.module] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("companion."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-@pytest.mark.parametrize("module, forbidden", [("bench", {"plots", "widgets", "report"}), ("report", {"widgets"}),
-                                               ("plots", {"widgets", "report"})])
-def test_lower_modules_do_not_import_upper_ones(module, forbidden):
-    assert not imported_modules(module) & forbidden, imported_modules(module)
 
 
 def test_pareto_analysis_lives_in_bench_and_plots_draws_with_it():

@@ -294,3 +294,65 @@ def test_speed_options_run_and_are_recorded():
     if not torch.cuda.is_available():
         with pytest.raises(SpeedOptionError, match="fp16"):
             sample(model, "ddim", 3, batch=2, speed="fp16")
+
+
+@pytest.mark.parametrize("sampler, spacing, steps, match", [
+    ("dpmpp_2m", "leading", 500, "starts at t = 500"),
+    ("unipc", "leading", 1000, "starts at t = 0"),
+    ("ddim", "leading", 143, "starts at t = 852"),
+    ("dpmpp_2m", "linspace", 1000, "repeats timestep"),
+])
+def test_grids_that_skip_the_chain_are_refused(sampler, spacing, steps, match):
+    o = O.toy_mixture((1, 2, 2))
+    with pytest.raises(SamplingError, match=match):
+        sample(o, sampler, steps, spacing=spacing, batch=2)
+
+
+def test_grids_that_sample_the_whole_chain_still_run():
+    o = O.toy_mixture((1, 2, 2))
+    for sampler, spacing, steps in [("dpmpp_2m", "leading", 10), ("ddim", "leading", 200), ("dpmpp_2m", "exponential", 50),
+                                    ("dpmpp_2m", "trailing", 1000), ("heun", "trailing", 20), ("pndm", "leading", 20)]:
+        assert torch.isfinite(sample(o, sampler, steps, spacing=spacing, batch=2).samples).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sampler="dpm2_a", steps=2), "at least 3 steps"),
+    (dict(sampler="lcm", steps=51), "at most 50 steps"),
+    (dict(seed=2**64), r"seed must be an int in \[0, 2\*\*63 - 2\]"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(class_labels=torch.tensor([1.7, 2.0])), "class_labels must be integers"),
+    (dict(guidance="2"), "guidance must be a number"),
+])
+def test_bad_input_is_refused_with_its_value(tiny_model, kwargs, match):
+    kw = dict(sampler="ddim", steps=3, batch=2)
+    kw.update(kwargs)
+    with pytest.raises(SamplingError, match=match):
+        sample(tiny_model, **kw)
+
+
+def test_numpy_and_tensor_seeds_are_ints(tiny_model):
+    a = sample(tiny_model, "ddim", 2, batch=2, seed=np.int64(3)).samples
+    b = sample(tiny_model, "ddim", 2, batch=2, seed=torch.tensor(3)).samples
+    assert torch.equal(a, b) and torch.equal(a, sample(tiny_model, "ddim", 2, batch=2, seed=3).samples)
+
+
+def test_nan_from_a_latent_decoder_is_refused():
+    class NaNDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = O.toy_mixture((1, 2, 2))
+            self.name = "nan-decoder"
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        is_latent = True
+
+        def decode(self, x):
+            return x * float("nan")
+
+    with pytest.raises(SamplingError, match="decoded images"):
+        sample(NaNDecoder(), "ddim", 3, batch=2)
