@@ -55,6 +55,18 @@ def write_card(folder: str | Path, card: dict) -> dict:
     return card
 
 
+def restore_hint(path: str | Path, name: str | None = None) -> str:
+    """How to get a bundled file back: ``git checkout`` where the assets are a git checkout's (with the path as
+    git knows it), a fresh copy otherwise; and retraining, which always works."""
+    path = Path(path).resolve()
+    retrain = f"retrain it with `companion train {name} --install`" if name else "retrain it with `companion train NAME --install`"
+    repo = next((d for d in [path, *path.parents] if (d / ".git").exists()), None)
+    if repo is not None:
+        return f"restore it with `git -C {repo} checkout -- {path.relative_to(repo)}`, or {retrain}"
+    where = f"$COMPANION_ASSETS ({assets_dir()})" if os.environ.get(ENV_VAR) else f"the installed assets ({assets_dir()})"
+    return f"copy it again into {where} from a source checkout or reinstall the companion, or {retrain}"
+
+
 def read_card(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / CARD
@@ -63,7 +75,7 @@ def read_card(folder: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise AssetError(f"{path} is not valid JSON ({e}); restore it with `git checkout -- {path}`") from e
+        raise AssetError(f"{path} is not valid JSON ({e}); {restore_hint(path, folder.name)}") from e
 
 
 def verify(folder: str | Path) -> dict:
@@ -73,12 +85,12 @@ def verify(folder: str | Path) -> dict:
     for rel, meta in card.get("files", {}).items():
         p = folder / rel
         if not p.is_file():
-            raise AssetError(f"missing file {p}; restore it with `git checkout -- {p}` or retrain `{card.get('name')}`")
+            raise AssetError(f"missing file {p}; {restore_hint(p, card.get('name', folder.name))}")
         digest = sha256_file(p)
         if digest != meta["sha256"]:
             raise AssetError(
                 f"sha256 mismatch for {p}: expected {meta['sha256'][:12]}..., got {digest[:12]}...; "
-                f"the file is corrupted or was changed: restore it with `git checkout -- {p}`"
+                f"the file is corrupted or was changed: {restore_hint(p, card.get('name', folder.name))}"
             )
     return card
 
@@ -105,8 +117,16 @@ def manifest() -> dict[str, dict]:
 
 
 def status() -> list[dict]:
-    """One row per bundled asset: name, kind, size in bytes and whether every sha256 matches."""
+    """One row per bundled asset: name, kind, size in bytes and whether every sha256 matches. A folder whose card
+    is missing or unreadable is listed as BAD too (it would otherwise vanish from the list)."""
     rows = []
+    root = models_dir()
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.is_dir() and not d.name.startswith(".") and not d.name.endswith(".checkpoint") and ".previous-" not in d.name:
+            if not (d / CARD).is_file():
+                size = sum(p.stat().st_size for p in _payload_files(d))
+                rows.append({"name": d.name, "kind": "?", "bytes": size,
+                             "sha256": f"BAD: no {CARD}; {restore_hint(d / CARD, d.name)}"})
     for name, card in manifest().items():
         folder = models_dir() / name
         try:
@@ -116,7 +136,7 @@ def status() -> list[dict]:
             ok = f"BAD: {e}"
         size = sum(m["bytes"] for m in card.get("files", {}).values())
         rows.append({"name": name, "kind": card.get("kind", "?"), "bytes": size, "sha256": ok})
-    return rows
+    return sorted(rows, key=lambda r: r["name"])
 
 
 # ---------------------------------------------------------------------------------------------------------

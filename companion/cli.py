@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -67,9 +68,10 @@ def info_dict(device: str | None = None) -> dict:
 
 def cmd_info(args) -> int:
     info = info_dict(args.device)
+    bad = [r for r in info["assets"] if r["sha256"] != "ok"]
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 1 if bad else 0
     print(f"python        {info['python']}")
     for k, v in info["versions"].items():
         print(f"{k:<14}{v}")
@@ -80,7 +82,6 @@ def cmd_info(args) -> int:
         print("              (no bundled models found)")
     for row in info["assets"]:
         print(f"  {row['name']:<22}{row['kind']:<18}{row['bytes'] / 1e6:7.2f} MB  sha256 {row['sha256']}")
-    bad = [r for r in info["assets"] if r["sha256"] != "ok"]
     return 1 if bad else 0
 
 
@@ -115,18 +116,44 @@ def _write_lab_overrides() -> None:
         pass  # read-only environment: the pop-up is cosmetic
 
 
-def lab_command(notebooks: Path, port: int, token: str) -> list[str]:
+def lab_command(notebooks: Path, port: int) -> list[str]:
+    """The JupyterLab server's command line. The token is not on it (any local user can read a process's
+    arguments): the server reads it from ``$JUPYTER_TOKEN`` (see :func:`lab_env`)."""
     return [
         sys.executable, "-m", "jupyterlab", "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}",
+        f"--ServerApp.root_dir={notebooks}",
     ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])  # containers often run as root
+
+
+def lab_env(token: str) -> dict:
+    return dict(os.environ, JUPYTER_TOKEN=token)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a server started in its own session: SIGTERM to its whole process group (JupyterLab shuts its kernels
+    down), SIGKILL if it is still there after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def cmd_lab(args) -> int:
     notebooks = Path(args.notebooks).resolve()
     if not notebooks.is_dir():
         raise CliError(f"notebooks folder {notebooks} does not exist; pass --notebooks DIR or run from the repository root")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be a TCP port in [0, 65535] (0: a free one), got {args.port}")
     port = args.port or free_port()
     if not _port_free(port):
         raise CliError(f"port {port} on 127.0.0.1 is already in use; pass another --port (or 0 for a free one)")
@@ -135,18 +162,22 @@ def cmd_lab(args) -> int:
     page = f"lab/tree/{args.open}" if args.open else "lab"
     if args.open and not (notebooks / args.open).is_file():
         raise CliError(f"notebook {args.open!r} not found in {notebooks}")
-    proc = subprocess.Popen(lab_command(notebooks, port, token), start_new_session=True)
-    print(f"JupyterLab on http://127.0.0.1:{port}/{page}?token={token}", flush=True)
-    print(f"(server PID {proc.pid}; stop with Ctrl-C)", flush=True)
+
+    def stop(signum, frame):  # any of Ctrl-C, SIGTERM, SIGHUP: take the server down with us
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    proc = subprocess.Popen(lab_command(notebooks, port), env=lab_env(token), start_new_session=True)
     try:
+        print(f"JupyterLab on http://127.0.0.1:{port}/{page}?token={token}", flush=True)
+        print(f"(server PID {proc.pid}; stop with Ctrl-C)", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         return 0
+    finally:
+        stop_group(proc)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- run-notebooks
@@ -226,6 +257,19 @@ def store_checked_outputs(nb, path: Path) -> None:
     nbformat.write(nb, path)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_summary(exc: BaseException, timeout: int) -> str:
+    """One plain line saying why a notebook failed: a timed-out cell by its limit, an error by its last message
+    line (no colour codes, no separator rules)."""
+    if type(exc).__name__ == "CellTimeoutError":
+        return f"FAILED: a cell ran longer than {timeout} s (raise --timeout, or make the cell faster)"
+    lines = [ANSI.sub("", ln).strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln and not set(ln) <= set("-=~^ ")]
+    return f"FAILED: {type(exc).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
+
+
 def cmd_run_notebooks(args) -> int:
     from nbconvert import HTMLExporter
     from tqdm import tqdm
@@ -233,6 +277,8 @@ def cmd_run_notebooks(args) -> int:
     notebooks = find_notebooks(args.paths)
     html_dir = Path(args.html).resolve() if args.html else None
     if html_dir:
+        if html_dir.exists() and not html_dir.is_dir():
+            raise CliError(f"--html {args.html} is a file; give a folder for the HTML reports")
         html_dir.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
     bar = tqdm(notebooks, desc="notebooks", unit="nb")
@@ -243,7 +289,7 @@ def cmd_run_notebooks(args) -> int:
         try:
             nb = execute_notebook(nb_path, timeout=args.timeout)
         except Exception as e:  # report and continue with the next notebook
-            status, nb, failed = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}", None, failed + 1
+            status, nb, failed = failure_summary(e, args.timeout), None, failed + 1
         dt = time.perf_counter() - t0
         out = ""
         if html_dir and nb is not None:

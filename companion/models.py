@@ -244,8 +244,12 @@ class DiffusionModel(torch.nn.Module):
         card = assets.verify(folder) if verify else assets.read_card(folder)
         if card.get("kind") != cls.kind:
             raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not a diffusion model")
-        unet_cls = getattr(diffusers, card.get("unet_class", "UNet2DModel"))
+        _check_card(card, folder)
+        unet_cls = getattr(diffusers, card.get("unet_class", "UNet2DModel"), None)
+        if unet_cls is None:
+            raise ModelError(f"{folder / assets.CARD}: unet_class {card.get('unet_class')!r} is not a diffusers class")
         unet = _from_pretrained(unet_cls, folder / "unet")
+        _check_card_against_network(card, unet, folder)
         vae = None
         if card.get("vae_class"):
             vae = _from_pretrained(getattr(diffusers, card["vae_class"]), folder / "vae")
@@ -258,6 +262,43 @@ class DiffusionModel(torch.nn.Module):
         )
         model._sha256 = assets.folder_sha256(folder)
         return model
+
+
+CARD_FIELDS = {"sample_shape": list, "image_shape": list, "num_classes": int, "cond_shape": list, "prediction": str,
+               "latent_mean": list, "latent_std": list, "vae_class": str, "unet_class": str, "name": str}
+
+
+def _check_card(card: dict, folder: Path) -> None:
+    """A diffusion card's fields have the types the loader needs (a hand-edited card fails here, by name)."""
+    path = folder / assets.CARD
+    if "sample_shape" not in card:
+        raise ModelError(f"{path} has no sample_shape (the (C, H, W) the network samples); restore the card or retrain")
+    for key, kind in CARD_FIELDS.items():
+        v = card.get(key)
+        if v is not None and not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise ModelError(f"{path}: field {key!r} must be {kind.__name__}, got {v!r}")
+    for key in ("sample_shape", "image_shape", "cond_shape"):
+        v = card.get(key)
+        if v is not None and (len(v) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)):
+            raise ModelError(f"{path}: {key} must be three positive ints (C, H, W), got {v!r}")
+
+
+def _check_card_against_network(card: dict, unet, folder: Path) -> None:
+    """The card says what the network is; a card that disagrees with the weights would sample garbage silently."""
+    cfg = getattr(unet, "config", None)
+    if cfg is None:
+        return
+    path = folder / assets.CARD
+    c, h, _ = card["sample_shape"]
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    if cfg.out_channels != c or size != h:
+        raise ModelError(f"{path}: sample_shape {card['sample_shape']} disagrees with the network "
+                         f"({cfg.out_channels} channels, {size} px): the card or the weights were changed")
+    embeds = getattr(cfg, "num_class_embeds", None)
+    n = card.get("num_classes")
+    if (embeds is None) != (n is None) or (n is not None and embeds != n + 1):
+        raise ModelError(f"{path}: num_classes {n!r} disagrees with the network's {embeds!r} class embeddings "
+                         f"(num_classes + 1: the last one is 'no class')")
 
 
 def _from_pretrained(klass, folder: Path):
@@ -398,6 +439,9 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
     """
     text = str(name_or_path)
     folder = assets.models_dir() / text
+    if text and "/" not in text and folder.is_dir() and not (folder / assets.CARD).is_file():
+        raise ModelError(f"bundled model folder {folder} has no {assets.CARD} (its card was deleted or never written): "
+                         f"{assets.restore_hint(folder / assets.CARD, text)}")
     if not (folder / assets.CARD).is_file():
         folder = Path(text).expanduser()
     if (folder / assets.CARD).is_file():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -62,30 +63,43 @@ from .speed import DEVICE_PRECISIONS, SpeedOptions, accelerate
 class LatestOnlyRunner:
     """Run ``fn(request)`` on one worker thread; a newer request replaces a queued one.
 
-    ``on_done(request, result)`` and ``on_error(request, exc)`` are called on the worker thread.
-    ``runs`` counts started runs; :meth:`wait_idle` blocks until nothing is running or queued.
+    ``on_done(request, result)`` and ``on_error(request, exc)`` are called on the worker thread; if ``on_done``
+    itself fails, ``on_error`` gets that failure (the worker never dies of it). ``runs`` counts started runs;
+    :meth:`wait_idle` blocks until nothing is running or queued; :meth:`close` ends the worker.
+
+    Bound methods are held weakly: the worker does not keep its panel alive, and it ends by itself once the
+    panel is collected (it checks every :data:`IDLE_CHECK_S` seconds while idle).
     """
 
+    IDLE_CHECK_S = 1.0
+
     def __init__(self, fn: Callable[[Any], Any], on_done: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]):
-        self._fn, self._on_done, self._on_error = fn, on_done, on_error
+        self._fn, self._on_done, self._on_error = (_weak(f) for f in (fn, on_done, on_error))
         self._cond = threading.Condition()
         self._queued: Any = None
         self._has_queued = False
         self._busy = False
+        self._closed = False
         self._thread: threading.Thread | None = None
         self.runs = 0
+        self.last_error: BaseException | None = None  # a failure of on_error itself (nothing else could show it)
 
     def request(self, req: Any) -> None:
         # The run happens on the worker: the requesting thread's idle OpenMP pool would only slow it down
         # (companion.device.release_cpu_threads says why).
         release_cpu_threads()
         with self._cond:
+            if self._closed:
+                raise RuntimeError("this panel was closed; create a new one")
             self._queued, self._has_queued = req, True
             self._busy = True
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="companion-panel-runner")
                 self._thread.start()
             self._cond.notify_all()
+
+    def _alive(self) -> bool:
+        return not self._closed and all(f() is not None for f in (self._fn, self._on_done, self._on_error))
 
     def _loop(self) -> None:
         # One long-lived worker per panel: a slider move reuses this thread (and the OpenMP team torch built
@@ -97,15 +111,41 @@ class LatestOnlyRunner:
                 while not self._has_queued:
                     self._busy = False
                     self._cond.notify_all()
-                    self._cond.wait()
+                    if not self._alive():
+                        return
+                    self._cond.wait(self.IDLE_CHECK_S)
+                if not self._alive():
+                    self._busy, self._has_queued = False, False
+                    self._cond.notify_all()
+                    return
                 req, self._queued, self._has_queued = self._queued, None, False
                 self.runs += 1
+            self._serve(req)
+
+    def _serve(self, req: Any) -> None:
+        fn, on_done, on_error = self._fn(), self._on_done(), self._on_error()
+        if fn is None or on_done is None or on_error is None:
+            return
+        try:
+            result = fn(req)
+            on_done(req, result)
+        except BaseException as e:  # shown in the panel; the worker keeps serving requests
             try:
-                result = self._fn(req)
-            except BaseException as e:  # shown in the panel; the worker keeps serving requests
-                self._on_error(req, e)
-            else:
-                self._on_done(req, result)
+                on_error(req, e)
+            except BaseException as e2:  # noqa: BLE001 - the last resort: kept for whoever asks
+                self.last_error = e2
+        finally:
+            del fn, on_done, on_error  # no strong reference to the panel while idle
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the worker (after the run in progress, if any); later requests are refused."""
+        with self._cond:
+            self._closed = True
+            self._has_queued = False
+            self._cond.notify_all()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
 
     @property
     def busy(self) -> bool:
@@ -121,6 +161,20 @@ class LatestOnlyRunner:
                     return False
                 self._cond.wait(left)
         return True
+
+
+def _close_tree(widget: w.Widget) -> None:
+    """Close a widget and every widget inside it (the front end then drops them)."""
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()
+
+
+def _weak(f: Callable) -> Callable[[], Callable | None]:
+    """A weak reference to a bound method (a plain function is held as it is)."""
+    if hasattr(f, "__self__") and hasattr(f, "__func__"):
+        return weakref.WeakMethod(f)
+    return lambda: f
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -397,6 +451,9 @@ class _Panel:
         return bundle
 
 
+HISTORY_MAX = 500  # runs a panel remembers: enough for any curve a reader builds, bounded for a long session
+
+
 class _RunnerPanel(_Panel):
     """What every sampling panel shares (:class:`SamplerPanel`, :class:`ComparePanel`): the
     :class:`SamplingSetup`, the status and error lines, the run history, a :class:`LatestOnlyRunner` fed by the
@@ -429,8 +486,9 @@ class _RunnerPanel(_Panel):
         self._runner.request(self._request())
 
     def _show(self, req, out) -> None:
-        """A run finished: keep it, draw it, clear the running note and any earlier error."""
+        """A run finished: keep it (the last :data:`HISTORY_MAX`), draw it, clear the running note and any error."""
         self.history.append(out)
+        del self.history[:-HISTORY_MAX]
         self._draw(out)
         self.error.value = ""
         self.status.value = ""
@@ -438,6 +496,13 @@ class _RunnerPanel(_Panel):
     def _show_error(self, req, exc: BaseException) -> None:
         self.status.value = ""
         self.error.value = error_html(exc)
+
+    def close(self) -> None:
+        """End the panel's worker thread and close its widgets (the panel stops responding)."""
+        self._runner.close()
+        widget = getattr(self, "widget", None)
+        if widget is not None:
+            _close_tree(widget)
 
     def run(self):
         """Run the current configuration now, on the calling thread (used when the panel is built)."""

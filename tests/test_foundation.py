@@ -176,6 +176,53 @@ def test_lab_serves_jupyterlab_on_loopback():
     assert proc.returncode is not None
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_lab_takes_its_server_down_on_any_signal_and_keeps_the_token_private(sig):
+    proc = subprocess.Popen([*CLI, "lab", "--port", "0", "--token", "s3cret"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    server_pid = None
+    try:
+        url = re.search(r"(http://127\.0\.0\.1:\d+/lab\?token=s3cret)", proc.stdout.readline()).group(1)
+        server_pid = int(re.search(r"server PID (\d+)", proc.stdout.readline()).group(1))
+        cmdline = Path(f"/proc/{server_pid}/cmdline")
+        if cmdline.exists():
+            assert b"s3cret" not in cmdline.read_bytes()  # other local users can read the process list
+        deadline, status = time.time() + 60, None
+        while time.time() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(url, timeout=5).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+        os.kill(proc.pid, sig)  # the launcher alone, as a terminal closing or a process manager would
+        assert proc.wait(timeout=30) == 0
+        deadline = time.time() + 20
+        while time.time() < deadline and _alive(server_pid):
+            time.sleep(0.2)
+        assert not _alive(server_pid), "the JupyterLab server outlived its launcher"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=5)
+    finally:
+        for pid in (proc.pid, server_pid):
+            if pid is not None and _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
+def test_lab_refuses_a_port_outside_the_tcp_range():
+    r = run_cli("lab", "--port", "70000")
+    assert r.returncode == 2 and "--port must be a TCP port in [0, 65535]" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_notebooks_writes_html_and_a_time_table(tmp_path):
     import nbformat
 
@@ -281,3 +328,23 @@ def test_release_cpu_threads_lets_the_callers_openmp_pool_exit():
     assert counts["released"] is True
     assert counts["after"] == counts["with_pool"] - (torch.get_num_threads() - 1)
     assert counts["rebuilt"] == counts["with_pool"]
+
+
+def test_run_notebooks_refuses_a_file_for_html_and_reports_failures_in_plain_words(tmp_path):
+    import nbformat
+    from nbclient.exceptions import CellTimeoutError
+
+    from companion.cli import failure_summary
+
+    f = tmp_path / "report"
+    f.write_text("x")
+    r = run_cli("run-notebooks", str(tmp_path), "--html", str(f))
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+    assert failure_summary(CellTimeoutError("----"), 30) == "FAILED: a cell ran longer than 30 s (raise --timeout, or make the cell faster)"
+    coloured = RuntimeError("-----\n\x1b[0;31mValueError\x1b[0m: bad value\n-----")
+    assert failure_summary(coloured, 30) == "FAILED: RuntimeError: ValueError: bad value"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nbformat.write(nb, tmp_path / "bad.ipynb")
+    r = run_cli("run-notebooks", str(tmp_path / "bad.ipynb"))
+    assert r.returncode == 1 and "ValueError: boom" in r.stdout and "\x1b[" not in r.stdout

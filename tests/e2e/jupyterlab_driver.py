@@ -153,8 +153,9 @@ def start_lab(root: Path, tmp: Path, timeout_s: float = 60.0) -> LabServer:
 
     port, token = free_port(), os.urandom(16).hex()
     log = tmp / "jupyterlab.log"
+    env = dict(lab_env(tmp), JUPYTER_TOKEN=token)  # the token stays off the command line
     with open(log, "wb") as out:
-        proc = subprocess.Popen(lab_command(root, port, token), cwd=root, env=lab_env(tmp),
+        proc = subprocess.Popen(lab_command(root, port), cwd=root, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = LabServer(proc, f"http://127.0.0.1:{port}", token, root, log)
     deadline = time.monotonic() + timeout_s

@@ -1,0 +1,89 @@
+"""Panels release what they hold: closing ends the worker thread, a failure while showing a result is shown and
+the worker keeps serving, history is bounded, and a worker never keeps its panel alive."""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import pytest
+
+from companion import widgets
+from companion.widgets import LatestOnlyRunner, SamplerPanel
+
+
+def _runner_threads() -> int:
+    return sum(t.name == "companion-panel-runner" and t.is_alive() for t in threading.enumerate())
+
+
+def _quality(model, result):
+    return float(result.samples.abs().mean())
+
+
+def test_closed_panels_leave_no_thread(tiny_model):
+    before = _runner_threads()
+    panels = [SamplerPanel(tiny_model, controls=("steps",), defaults={"sampler": "ddim", "steps": 2, "batch": 2},
+                           quality=_quality) for _ in range(5)]
+    for p in panels:
+        p.controls["steps"].value = 3
+        assert p.wait(60)
+    assert _runner_threads() >= before + 5
+    for p in panels:
+        p.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _runner_threads() > before:
+        time.sleep(0.1)
+    assert _runner_threads() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        panels[0]._runner.request({})
+
+
+def test_a_worker_does_not_keep_its_owner_alive():
+    class Owner:
+        def __init__(self):
+            self.runner = LatestOnlyRunner(self.fn, self.done, self.err)
+
+        def fn(self, req):
+            return req
+
+        def done(self, req, out):
+            pass
+
+        def err(self, req, exc):
+            pass
+
+    o = Owner()
+    o.runner.request(1)
+    assert o.runner.wait_idle(10)
+    thread = o.runner._thread
+    del o
+    gc.collect()
+    thread.join(LatestOnlyRunner.IDLE_CHECK_S * 5)
+    assert not thread.is_alive()
+
+
+def test_a_failure_while_showing_is_reported_and_the_worker_survives():
+    seen = []
+
+    def done(req, out):
+        if req == 1:
+            raise ValueError("drawing failed")
+        seen.append(("done", req))
+
+    runner = LatestOnlyRunner(lambda r: r, done, lambda req, exc: seen.append(("error", req, str(exc))))
+    runner.request(1)
+    assert runner.wait_idle(10)
+    runner.request(2)
+    assert runner.wait_idle(10)
+    assert seen == [("error", 1, "drawing failed"), ("done", 2)]
+    runner.close()
+
+
+def test_panel_history_is_bounded(tiny_model, monkeypatch):
+    monkeypatch.setattr(widgets, "HISTORY_MAX", 3)
+    p = SamplerPanel(tiny_model, controls=("seed",), defaults={"sampler": "ddim", "steps": 1, "batch": 2}, quality=_quality)
+    for seed in range(1, 6):
+        p.controls["seed"].value = seed
+        assert p.wait(60)
+    assert len(p.history) == 3 and p.history[-1].params["seed"] == 5
+    p.close()
