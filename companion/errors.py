@@ -27,6 +27,10 @@ class DataUnavailable(CompanionError, RuntimeError):
     """A data set needs a download that is not possible here (offline, or the source is unreachable)."""
 
 
+class CheckpointError(CompanionError, ValueError):
+    """A training checkpoint is missing, damaged, or belongs to another recipe or network."""
+
+
 class SamplerError(CompanionError, ValueError):
     """Unknown sampler name, or an option the sampler does not have."""
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import assets, data
+from .errors import CheckpointError
 from .models import AUTOENCODER_KIND, DiffusionModel, load
 from .nets import NoisyClassifier
 from .schedules import TRAIN_SCHEDULE
@@ -275,23 +276,60 @@ def _save_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, state: dic
     (folder / "state.json.tmp").replace(folder / "state.json")
 
 
-def _load_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, extra: dict | None = None) -> dict:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    for name, module in (extra or {}).items():
-        prefix = f"extra.{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
-            opt_state["state"].setdefault(int(idx), {})[key] = v
-    opt.load_state_dict(opt_state)
-    g.set_state(tensors["rng"])
+def _load_checkpoint(folder: Path, net, ema, opt, g: torch.Generator, extra: dict | None = None,
+                     recipe: str | None = None) -> dict:
+    """Restore a checkpoint; every way it can be wrong (missing, damaged, another recipe's, another network's)
+    raises :class:`CheckpointError` naming the file and what to do."""
+    what = "train without --resume (an earlier checkpoint may be kept beside it as *.previous-<time>)"
+    tensors_path, meta_path = folder / "state.safetensors", folder / "state.json"
+    for p in (tensors_path, meta_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {p.name} is missing; {what}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or not {"step", "seed", "param_groups"} <= set(meta):
+            raise ValueError("it lacks step, seed or param_groups")
+    except ValueError as e:  # JSONDecodeError included
+        raise CheckpointError(f"checkpoint file {meta_path} is damaged ({e}); {what}") from None
+    if recipe is not None and meta.get("recipe", recipe) != recipe:
+        raise CheckpointError(f"checkpoint {folder} belongs to recipe {meta['recipe']!r}, not {recipe!r}; "
+                              f"resume it with `companion train {meta['recipe']} --resume`, or {what}")
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"checkpoint file {tensors_path} is damaged ({type(e).__name__}: {e}); {what}") from None
+    try:
+        _load_into(net, tensors, "net.")
+        _load_into(ema, tensors, "ema.")
+        for name, module in (extra or {}).items():
+            _load_into(module, tensors, f"extra.{name}.")
+        opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                opt_state["state"].setdefault(int(idx), {})[key] = v
+        opt.load_state_dict(opt_state)
+        g.set_state(tensors["rng"])
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {folder} does not fit this network or optimiser ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); {what}") from None
     return meta
 
+
+def _load_into(module: torch.nn.Module, tensors: dict, prefix: str) -> None:
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    want = module.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(want[wrong[0]].shape)})" if wrong else ""]
+        raise CheckpointError(f"the checkpoint's {prefix.rstrip('.')} weights do not fit this network: "
+                              + ", ".join(x for x in parts if x))
+    module.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,13 +438,17 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    state = {"step": 0, "seconds": 0.0, "losses": [], "seed": seed}
+    state = {"step": 0, "seconds": 0.0, "losses": [], "seed": seed, "recipe": name}
     if resume:
         if not (ckpt / "state.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume from in {ckpt}; run without --resume first")
-        state = _load_checkpoint(ckpt, net, ema, opt, g, task.checkpoint_modules())
+        try:
+            state = _load_checkpoint(ckpt, net, ema, opt, g, task.checkpoint_modules(), recipe=name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        state.setdefault("recipe", name)
         if state["seed"] != seed:
-            raise ValueError(f"checkpoint {ckpt} was trained with seed {state['seed']}, not {seed}")
+            raise CheckpointError(f"checkpoint {ckpt} was trained with seed {state['seed']}, not {seed}")
     losses: list[float] = state["losses"]
     bar = tqdm(total=steps, initial=min(state["step"], steps), desc=name, disable=not progress, dynamic_ncols=True)
     last_ckpt = time.perf_counter()

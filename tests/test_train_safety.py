@@ -79,3 +79,35 @@ def test_interruption_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, how
     monkeypatch.setattr(train, "_ema_update", real)
     out = _train(tmp_path / "m", steps=6, resume=True)
     assert _step(out.with_name("m" + train.CHECKPOINT_SUFFIX)) == 6
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("no_tensors", "state.safetensors is missing"),
+    ("bad_json", "state.json is damaged"),
+    ("bad_tensors", "state.safetensors is damaged"),
+    ("other_recipe", "belongs to recipe 'shapes-pixel'"),
+])
+def test_damaged_checkpoints_are_refused_by_name(tmp_path, damage, match):
+    out = _train(tmp_path / "m", steps=2)
+    ckpt = out.with_name("m" + train.CHECKPOINT_SUFFIX)
+    if damage == "no_tensors":
+        (ckpt / "state.safetensors").unlink()
+    elif damage == "bad_json":
+        (ckpt / "state.json").write_text("{not json")
+    elif damage == "bad_tensors":
+        (ckpt / "state.safetensors").write_bytes(b"\x00" * 20)
+    else:
+        meta = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps(dict(meta, recipe="shapes-pixel")))
+    with pytest.raises(train.CheckpointError, match=match) as info:
+        _train(tmp_path / "m", steps=4, resume=True)
+    assert "without --resume" in str(info.value) or "--resume" in str(info.value)
+
+
+def test_another_networks_checkpoint_is_refused_in_one_line(tmp_path):
+    _train(tmp_path / "m", steps=2)
+    wider = dict(TINY_UNET, unet=recipes.unet_config(16, 1, 1, (16, 32, 32), num_classes=10))
+    with pytest.raises(train.CheckpointError, match=r"do not fit this network: .*of another shape") as info:
+        recipes.run_recipe("digits-cond", steps=4, out=tmp_path / "m", config=wider, progress=False, measure=False,
+                           threads=1, resume=True)
+    assert len(str(info.value)) < 600  # not hundreds of keys
