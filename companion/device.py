@@ -7,8 +7,10 @@ on every device (GPU generators produce different streams from CPU ones).
 from __future__ import annotations
 
 import os
+import time
 
 import torch
+
 from .errors import DeviceError  # noqa: F401  (raised here; defined with the others)
 
 ENV_VAR = "COMPANION_DEVICE"
@@ -127,3 +129,50 @@ def release_cpu_threads() -> bool:
     """
     fn = _gnu_openmp()
     return bool(fn is not None and fn(_OMP_PAUSE_SOFT) == 0)
+
+
+THREADS_ENV = "COMPANION_THREADS"
+
+
+def cpu_idle_fraction(interval: float = 0.15) -> float | None:
+    """Fraction of all CPUs' time that was idle over ``interval`` seconds (``/proc/stat``; None elsewhere)."""
+    def snapshot():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(interval)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
+def fit_threads(interval: float = 0.15) -> int:
+    """Size torch's intra-op threads to the CPUs that are free now, and return the number chosen.
+
+    Why: a torch process that asks for every core while another process is busy does not get a fair share, it
+    collapses — on a 2-core machine a 2-thread sampling run took 5.7x as long beside one busy neighbour, where
+    fair sharing would give about 2x — because OpenMP's threads wait on each other across a core they do not
+    have. So a free core gets a thread and a busy one does not (at least one). ``$COMPANION_THREADS`` fixes the
+    number instead. Called once when the companion is imported; chapters may call it again.
+    """
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        try:
+            n = int(env)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            raise DeviceError(f"${THREADS_ENV} must be a positive int (torch threads), got {env!r}") from None
+        torch.set_num_threads(n)
+        return n
+    total = os.cpu_count() or 1
+    idle = cpu_idle_fraction(interval)
+    if idle is None:
+        return torch.get_num_threads()
+    n = max(1, min(total, round(idle * total)))  # this process is idle while it measures: the busy cores are others'
+    torch.set_num_threads(n)
+    return n

@@ -859,6 +859,12 @@ class SweepView(_Panel):
             self._thread.join(timeout)
         return not self.running
 
+    def close(self, timeout: float = 600.0) -> None:
+        """Stop after the run in progress, wait for the sweep's thread to end, and close the widgets."""
+        self.stop()
+        self.wait(timeout)
+        _close_tree(self.widget)
+
     def frame(self):
         """The finished runs as a :func:`companion.bench.sweep` table (one row a run)."""
         import pandas as pd

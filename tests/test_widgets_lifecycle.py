@@ -87,3 +87,57 @@ def test_panel_history_is_bounded(tiny_model, monkeypatch):
         assert p.wait(60)
     assert len(p.history) == 3 and p.history[-1].params["seed"] == 5
     p.close()
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _companion_threads() -> int:
+    return sum(t.name.startswith("companion-") and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.slow
+def test_soak_random_moves_across_panels_and_a_sweep(tiny_model):
+    import random
+
+    from companion import oracle
+    from companion.widgets import SweepView
+
+    def cycle(moves: int, rng: random.Random):
+        a = SamplerPanel(tiny_model, controls=("steps", "seed"), defaults={"sampler": "ddim", "steps": 2, "batch": 2},
+                         quality=_quality)
+        b = SamplerPanel(tiny_model, controls=("sampler", "steps"), defaults={"sampler": "euler", "steps": 2, "batch": 2},
+                         quality=_quality)
+        sweep = SweepView(oracle.toy_mixture(), ["ddim", "euler"], [2, 3, 4], n_samples=8, metrics=("ode_distance",),
+                          n_ode=4, cache_dir=False)
+        for _ in range(moves):
+            panel, name = rng.choice([(a, "steps"), (a, "seed"), (b, "sampler"), (b, "steps")])
+            c = panel.controls[name]
+            c.value = (rng.choice(["ddim", "euler", "heun", "dpmpp_2m"]) if name == "sampler"
+                       else rng.randint(1, 6) if name == "steps" else rng.randint(0, 1000))
+        for panel in (a, b):
+            assert panel.wait(120)
+            last = panel.history[-1].params
+            assert all(last[k] == panel.controls[k].value for k in panel.controls), (last, {k: c.value for k, c in panel.controls.items()})
+        sweep.close()
+        a.close()
+        b.close()
+
+    threads0 = _companion_threads()
+    cycle(20, random.Random(1))  # warm-up: first-call allocations are not a leak
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _companion_threads() > threads0:
+        time.sleep(0.1)
+    rss0 = _rss_bytes()
+    cycle(200, random.Random(0))
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _companion_threads() > threads0:
+        time.sleep(0.1)
+    assert _companion_threads() == threads0
+    assert _rss_bytes() <= 1.10 * rss0, f"memory grew from {rss0 / 1e6:.0f} MB to {_rss_bytes() / 1e6:.0f} MB"
