@@ -350,17 +350,17 @@ class Denoiser:
             speed=describe_speed(self.model),
         )
 
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, samples) of a final state, on the CPU in float32: a latent model's samples are decoded (timed
-        as network work), a pixel model's samples are its images."""
-        samples = x.to(torch.float32)
+    def finish(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, samples) of a final state, on the CPU in ``dtype`` (float32 unless a float64 measurement asks):
+        a latent model's samples are decoded (timed as network work), a pixel model's samples are its images."""
+        samples = x.to(dtype)
         if getattr(self.model, "is_latent", False):
             images = self.timed(lambda: self.model.decode(samples))
             self.check_finite(images, f"the decoder of {getattr(self.model, 'name', 'the latent model')!r}",
                               "in the decoded images (the latents were finite)")
         else:
             images = samples
-        images = images.detach().to("cpu", torch.float32)
+        images = images.detach().to("cpu", dtype)
         samples = samples.detach().cpu()
         self.sync()
         return images, samples

@@ -157,9 +157,12 @@ def fit_threads(interval: float = 0.15) -> int:
     collapses — on a 2-core machine a 2-thread sampling run took 5.7x as long beside one busy neighbour, where
     fair sharing would give about 2x — because OpenMP's threads wait on each other across a core they do not
     have. So a free core gets a thread and a busy one does not (at least one). ``$COMPANION_THREADS`` fixes the
-    number instead. Called once when the companion is imported; chapters may call it again.
+    number instead, and an explicit ``$OMP_NUM_THREADS`` is left as it is. Called once when the companion is
+    imported; chapters may call it again.
     """
     env = os.environ.get(THREADS_ENV)
+    if not env and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()  # the user (or a harness) chose already
     if env:
         try:
             n = int(env)

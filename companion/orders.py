@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -40,7 +39,7 @@ from .bench import class_labels_for, initial_noise
 from .denoiser import Denoiser
 from .device import randn
 from .reference import reference
-from .sampling import SamplingError, sample, scheduler_loop
+from .sampling import SamplingError, float64_arithmetic, float64_tables, sample, scheduler_loop
 from .schedules import SCHEDULES, TRAIN_SCHEDULE, SigmaMap
 
 # The order of accuracy each deterministic sampler is designed to have (global error ~ h^p), and why. This is the
@@ -423,59 +422,6 @@ def schedule_trap_table(samplers=("ddim", "euler", "heun", "dpmpp_2m", "unipc", 
 # ---------------------------------------------------------------------------------------------- convergence inside the trajectory
 
 
-def _to_float64(scheduler, smap: SigmaMap) -> None:
-    """Make a scheduler's tables float64 so rounding does not floor high-order error measurements.
-
-    Casting is not enough for noise levels: diffusers computes ``sigmas`` from ``alphas_cumprod`` in float32
-    (relative error ~6e-8, which the VE state, up to sigma ~ 157, turns into a 1e-5 error floor). Noise levels
-    that sit on the integer training grid are replaced by their float64 values; a two-stage scheduler's
-    interpolated levels are recomputed from them with the scheduler's own formula.
-    """
-    for name, val in list(vars(scheduler).items()):
-        if torch.is_tensor(val) and val.is_floating_point():
-            setattr(scheduler, name, val.to(torch.float64))
-    sig = getattr(scheduler, "sigmas", None)
-    if sig is None or not torch.is_tensor(sig):
-        return
-    t = torch.from_numpy(smap.t(sig.numpy())).to(torch.float64)
-    on_grid = ((t - t.round()).abs() < 1e-3) & (sig > 0)
-    exact = smap.sigmas[t.round().long().clamp(0, smap.n - 1)]
-    scheduler.sigmas = torch.where(on_grid, exact, sig)
-    if hasattr(scheduler, "sigmas_interpol"):  # KDPM2: log-midpoints between consecutive levels
-        s = scheduler.sigmas
-        interp = s.log().lerp(s.roll(1).log(), 0.5).exp()
-        interp = torch.cat([interp[:1], interp[1:]])
-        old = scheduler.sigmas_interpol
-        scheduler.sigmas_interpol = torch.where(torch.isfinite(interp) & (old > 0), interp, old)
-
-
-class _Float64Torch:
-    """``torch`` as seen by a scheduler module during a measurement: ``torch.float32`` reads as float64.
-
-    ``DPMSolverMultistepScheduler.step`` hard-codes ``sample.to(torch.float32)``; at 250+ steps float32 rounding
-    (~1e-7 per step) floors third-order errors. Only the measurement loop below uses this, inside a context.
-    """
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return torch.float64 if name == "float32" else getattr(self._real, name)
-
-
-@contextlib.contextmanager
-def _float64_arithmetic(scheduler):
-    mods = {sys.modules[k.__module__] for k in type(scheduler).__mro__ if k.__module__.startswith("diffusers.schedulers")}
-    saved = {m: m.torch for m in mods if getattr(m, "torch", None) is torch}
-    try:
-        for m in saved:
-            m.torch = _Float64Torch(torch)
-        yield
-    finally:
-        for m, real in saved.items():
-            m.torch = real
-
-
 def state_at(model, sampler: str, steps: int, x_T: torch.Tensor, t_stop: int, spacing: str = "trailing",
              float64: bool = True) -> tuple[tuple[float, torch.Tensor], torch.Tensor]:
     """Run ``sampler`` for ``steps`` steps from the noise x_T and return (its own initial state, its state when
@@ -492,7 +438,7 @@ def state_at(model, sampler: str, steps: int, x_T: torch.Tensor, t_stop: int, sp
     sched.set_timesteps(steps)
     dtype = torch.float64 if float64 else torch.float32
     if float64:
-        _to_float64(sched, SigmaMap(model.scheduler_config))
+        float64_tables(sched, SigmaMap(model.scheduler_config))
     x = x_T.to(dtype) * float(sched.init_noise_sigma)
     seen = {}
 
@@ -500,7 +446,7 @@ def state_at(model, sampler: str, steps: int, x_T: torch.Tensor, t_stop: int, sp
         seen.setdefault("start", (float(info["t"]), info["x_in"].to(torch.float64)))
         return info["first_order"] and abs(float(info["t"]) - t_stop) < 1e-6
 
-    with _float64_arithmetic(sched) if float64 else contextlib.nullcontext():
+    with float64_arithmetic() if float64 else contextlib.nullcontext():
         _, _, stopped = scheduler_loop(sched, Denoiser(model), x, callback=watch, check=False, eps_dtype=dtype)
     if stopped is not None:
         return seen["start"], stopped["x_in"].to(torch.float64)

@@ -12,9 +12,12 @@ seed gives the same images on every device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -28,7 +31,76 @@ from .denoiser import (Conditioning, Denoiser, MemoryProbe, RunRecord, SampleRes
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError  # noqa: F401  (raised by the checks; importable from here)
+from .schedules import SigmaMap, sigma_map
 from .speed import SpeedOptions, accelerate
+
+
+# ---------------------------------------------------------------------------------------------- float64 arithmetic
+
+
+def float64_tables(scheduler, smap: SigmaMap) -> None:
+    """Make a scheduler's tables float64 so rounding does not floor high-order error measurements.
+
+    Casting is not enough for noise levels: diffusers computes ``sigmas`` from ``alphas_cumprod`` in float32
+    (relative error ~6e-8, which the VE state, up to sigma ~ 157, turns into a 1e-5 error floor). Noise levels
+    that sit on the integer training grid are replaced by their float64 values; a two-stage scheduler's
+    interpolated levels are recomputed from them with the scheduler's own formula.
+    """
+    for name, val in list(vars(scheduler).items()):
+        if torch.is_tensor(val) and val.is_floating_point():
+            setattr(scheduler, name, val.to(torch.float64))
+    sig = getattr(scheduler, "sigmas", None)
+    if sig is None or not torch.is_tensor(sig):
+        return
+    t = torch.from_numpy(smap.t(sig.cpu().numpy())).to(torch.float64)
+    on_grid = ((t - t.round()).abs() < 1e-3) & (sig.cpu() > 0)
+    exact = smap.sigmas[t.round().long().clamp(0, smap.n - 1)]
+    scheduler.sigmas = torch.where(on_grid, exact, sig.cpu()).to(sig.device)
+    if hasattr(scheduler, "sigmas_interpol"):  # KDPM2: log-midpoints between consecutive levels
+        s = scheduler.sigmas
+        interp = s.log().lerp(s.roll(1).log(), 0.5).exp()
+        interp = torch.cat([interp[:1], interp[1:]])
+        old = scheduler.sigmas_interpol
+        scheduler.sigmas_interpol = torch.where(torch.isfinite(interp) & (old > 0), interp, old)
+
+
+_FLOAT64 = threading.local()
+
+
+class _ThreadAwareTorch:
+    """``torch`` as diffusers' scheduler modules see it: ``torch.float32`` reads as float64 *in a thread inside*
+    :func:`float64_arithmetic`, and as float32 everywhere else.
+
+    ``DPMSolverMultistepScheduler.step`` (and others) hard-code ``sample.to(torch.float32)``; at 250+ steps float32
+    rounding (~1e-7 per step) floors third-order errors. The proxy is installed once and stays: a panel or sweep on
+    another thread, running at the same time as a float64 measurement, keeps computing in float32.
+    """
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        if name == "float32" and getattr(_FLOAT64, "on", False):
+            return self._real.float64
+        return getattr(self._real, name)
+
+
+def _install_proxy() -> None:
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("diffusers.schedulers.") and getattr(mod, "torch", None) is torch:
+            mod.torch = _ThreadAwareTorch(torch)
+
+
+@contextlib.contextmanager
+def float64_arithmetic():
+    """Within this context, on this thread only, diffusers' schedulers compute in float64."""
+    _install_proxy()
+    before = getattr(_FLOAT64, "on", False)
+    _FLOAT64.on = True
+    try:
+        yield
+    finally:
+        _FLOAT64.on = before
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -87,7 +159,8 @@ def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None
 def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | None = None, eta: float | None = None,
            spacing: str | None = None, seed: int = 0, batch: int = 16, class_labels=None, cond=None, classifier=None,
            classifier_scale: float | None = None, return_trajectory: bool = False, device=None,
-           progress: bool = False, speed=None, x_T: torch.Tensor | None = None, wrap=None) -> SampleResult:
+           progress: bool = False, speed=None, x_T: torch.Tensor | None = None, wrap=None,
+           dtype: torch.dtype = torch.float32) -> SampleResult:
     """Draw ``batch`` samples from ``model`` with ``sampler`` in ``steps`` steps.
 
     ``model``: any object with the :class:`companion.models.DiffusionModel` interface (pixel, latent — decoded
@@ -107,10 +180,16 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     ``x_T``: the initial noise (batch, *sample_shape), unit variance (default: ``randn(seed)``).
     ``wrap``: ``wrap(network) -> network``, applied to the network call (:meth:`companion.denoiser.Denoiser.wrap`):
     the seam where a cache, a quantised network or a pipeline's own network replaces ``model.predict_noise``.
+    ``dtype``: ``torch.float64`` runs the solver in float64 — its tables, its state and diffusers' own arithmetic
+    (on this thread only) — so that measured orders of high-order solvers are not floored by float32 rounding; the
+    network of a trained model still computes in its own precision (exact-score oracles compute in float64).
     """
     spec = registry.get(sampler)
     steps, batch = as_int(steps), as_int(batch)
     seed = check_seed(seed)
+    if dtype not in (torch.float32, torch.float64):
+        raise SamplingError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    float64 = dtype == torch.float64
     check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond)
     spacing, _ = registry.spacing_options(spec, spacing)
     if x_T is not None:
@@ -130,14 +209,18 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     t_start = time.perf_counter()
 
     sched = _prepared_scheduler(spec, model.scheduler_config, spacing, steps, dev)
+    if float64:
+        float64_tables(sched, sigma_map(model))
     labels = resolve_labels(model, class_labels, batch, dev)
     cond = resolve_cond(cond, batch, dev)
     if x_T is None:
         x_T = randn((batch, *model.sample_shape), seed)
-    x = x_T.to(dev) * sched.init_noise_sigma
+    x = x_T.to(dev, dtype) * (float(sched.init_noise_sigma) if float64 else sched.init_noise_sigma)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     denoiser = Denoiser(model, Conditioning(class_labels=labels, image=cond), guidance=guidance, classifier=classifier,
                         classifier_scale=classifier_scale, sync=sync)
+    if float64 and not hasattr(model, "eps_at_sigma"):  # a trained network computes in its own precision
+        denoiser.wrap(lambda network: lambda x, t, **kw: network(x.to(torch.float32), t, **kw).to(torch.float64))
     if wrap is not None:
         denoiser.wrap(wrap)
     trajectory = [] if return_trajectory else None
@@ -149,13 +232,15 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
 
     def keep(info):
         if info["first_order"]:
-            trajectory.append((float(info["t"]), info["x_in"].detach().to("cpu", torch.float32).clone()))
+            trajectory.append((float(info["t"]), info["x_in"].detach().to("cpu", dtype).clone()))
 
-    x, step_s, _ = scheduler_loop(sched, denoiser, x, timesteps=timesteps, step_kwargs=step_kwargs_for(sched, seed, eta),
-                                  callback=keep if trajectory is not None else None, what=spec.key)
+    with float64_arithmetic() if float64 else contextlib.nullcontext():
+        x, step_s, _ = scheduler_loop(sched, denoiser, x, timesteps=timesteps, step_kwargs=step_kwargs_for(sched, seed, eta),
+                                      callback=keep if trajectory is not None else None, what=spec.key,
+                                      eps_dtype=torch.float64 if float64 else None)
     if trajectory is not None:
-        trajectory.append((-1.0, x.to(torch.float32).detach().cpu().clone()))
-    images, samples = denoiser.finish(x)
+        trajectory.append((-1.0, x.to(dtype).detach().cpu().clone()))
+    images, samples = denoiser.finish(x, dtype)
     wall = time.perf_counter() - t_start
     record = denoiser.record(
         sampler=spec.key, steps=steps, wall_s=wall, step_s=step_s, scheduler_class=type(sched).__name__,
