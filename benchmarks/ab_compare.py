@@ -35,12 +35,44 @@ def run_benchmark(tree: Path, script: str, args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+LOOP = r"""
+import json, statistics, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+from companion.oracle import toy_mixture
+from companion.sampling import sample
+m = toy_mixture((1, 2, 2))
+out = {}
+for key in ("ddim", "dpmpp_2m", "heun", "euler_a"):
+    sample(m, key, 50, batch=1, spacing="trailing")
+    times = []
+    for r in range(7):
+        t = time.perf_counter()
+        sample(m, key, 500, batch=1, seed=r, spacing="trailing")
+        times.append(time.perf_counter() - t)
+    out[key] = statistics.median(times) / 500 * 1e6  # microseconds per step, network almost free
+print(json.dumps(out))
+"""
+
+
+def loop_overhead(tree: Path) -> dict:
+    """Microseconds per step of ``sample`` on a 4-number exact-score model: the loop's own cost, which is all a
+    restructuring of the sampling path can change (the network time dominates real runs and is not touched)."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.run([sys.executable, "-c", LOOP], cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loop benchmark failed in {tree}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", default="93db88d", help="git revision to compare against (default: before the core refactor)")
     p.add_argument("--rounds", type=int, default=2, help="pairs of runs (A B, then B A, ...) per benchmark")
     p.add_argument("--overhead-repeats", type=int, default=3)
     p.add_argument("--panel-repeats", type=int, default=20)
+    p.add_argument("--loop-only", action="store_true", help="only the per-step loop overhead (a minute)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.rounds < 1:
@@ -55,6 +87,25 @@ def main(argv=None) -> int:
         trees = {"before": before, "after": ROOT}
         runs: dict[str, dict[str, list]] = {"before": {"overhead": [], "panel": []}, "after": {"overhead": [], "panel": []}}
         order = [who for r in range(a.rounds) for who in (("before", "after") if r % 2 == 0 else ("after", "before"))]
+        if a.loop_only:
+            loops = {"before": [], "after": []}
+            for who in order:
+                loops[who].append(loop_overhead(trees[who]))
+            result = {
+                "benchmark": "sample() loop overhead per step (us) on a 4-number exact-score model, 500 trailing steps, batch 1, 1 thread",
+                "command": "python benchmarks/ab_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+                "before": rev, "after": f"{head} + working tree", "order": order,
+                "us_per_step": {k: {"before": statistics.median(r[k] for r in loops["before"]),
+                                    "after": statistics.median(r[k] for r in loops["after"])} for k in loops["after"][0]},
+            }
+            for v in result["us_per_step"].values():
+                v["ratio"] = v["after"] / v["before"]
+            print(json.dumps(result["us_per_step"], indent=1))
+            if a.out:
+                Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+            return 0
         for i, who in enumerate(order):
             ov = run_benchmark(trees[who], "sampler_overhead.py", ["--repeats", str(a.overhead_repeats)], work / f"ov-{i}.json")
             runs[who]["overhead"].append({row["sampler"]: row["wall_s_median"] for row in ov["overhead"]})

@@ -4,8 +4,7 @@ A reader's laptop always has a browser and JupyterLab beside the kernel. The wor
 demonstration shortened to DDPM-200 (``digits-cond``, batch 8; the tour runs DDPM-1000, five times the work),
 timed in a fresh process four ways: alone and beside a neighbour process that keeps two torch threads busy with
 matrix products, each with torch's defaults (torch imported first: all cores, OpenMP's default waiting) and with
-the companion's policy (imported first: ``OMP_WAIT_POLICY=PASSIVE`` and threads sized to the free cores by
-``companion.device.fit_threads``). Reported: the slowdown busy/alone of each; fair sharing of the cores between
+the companion's policy (threads sized to the cores that are free at import by ``companion.device.fit_threads``). Reported: the slowdown busy/alone of each; fair sharing of the cores between
 two processes would be about 2x.
 
     python benchmarks/contention.py --repeats 2 --out benchmarks/results/contention.json
@@ -29,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = r"""
 import sys, time, json
 if sys.argv[1] == "defaults":
-    import torch  # before the companion: its OpenMP settings cannot apply; all cores
     import companion
-    torch.set_num_threads(__import__("os").cpu_count())
+    import torch
+    torch.set_num_threads(__import__("os").cpu_count())  # torch's default: every core
 else:
     import companion
     import torch

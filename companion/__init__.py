@@ -2,19 +2,15 @@
 
 The public API, re-exported here, is small; each module has one job (see docs/architecture.md).
 
-On import, torch's CPU threads are sized to the cores that are free (:func:`companion.device.fit_threads`) and
-OpenMP's idle threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless set already; it only takes
-effect if torch was not imported before the companion): a reader's laptop always has a browser and JupyterLab
-beside the kernel, and a spinning thread on a core someone else needs makes every operator wait.
+On import, torch's CPU threads are sized to the cores that are free (:func:`companion.device.fit_threads`): a
+reader's laptop always has a browser and JupyterLab beside the kernel, and an OpenMP thread on a core someone else
+needs makes every operator wait for it (benchmarks/results/contention.json). OpenMP's wait policy is left as it
+is: ``OMP_WAIT_POLICY=PASSIVE`` made the same run 2.3x slower on an idle machine.
 """
-import os as _os
-
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .device import fit_threads, generator, pick_device, randn  # noqa: E402
-from .models import DiffusionModel, ModelError, load  # noqa: E402
-from .samplers import glossary  # noqa: E402
-from .sampling import sample  # noqa: E402
+from .device import fit_threads, generator, pick_device, randn
+from .models import DiffusionModel, ModelError, load
+from .samplers import glossary
+from .sampling import sample
 
 __version__ = "0.1.0"
 THREADS = fit_threads()

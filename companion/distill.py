@@ -33,6 +33,7 @@ from diffusers import LCMScheduler
 from . import samplers, train
 from .errors import ModelError
 from .models import DiffusionModel, load
+from .schedules import x0_from_v
 
 PD_STAGES = (32, 16, 8, 4, 2, 1)
 PD_TEACHER_STEPS = 64  # the first stage imitates the teacher at 64 Euler steps
@@ -59,11 +60,6 @@ def euler_grid(model: DiffusionModel, steps: int) -> tuple[torch.Tensor, torch.T
     sched = samplers.build_scheduler("euler", model.scheduler_config, spacing="trailing")
     sched.set_timesteps(steps)
     return sched.timesteps.to(torch.float32).clone(), sched.sigmas.to(torch.float32).clone()
-
-
-def x0_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0 = alpha x_t - sigma v (VP scaling: x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0)."""
-    return alpha * x_t - sigma * v
 
 
 def pd_target(x_ve: torch.Tensor, x_end: torch.Tensor, s0: torch.Tensor, s_end: torch.Tensor) -> torch.Tensor:
