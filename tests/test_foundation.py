@@ -336,15 +336,15 @@ def test_run_notebooks_refuses_a_file_for_html_and_reports_failures_in_plain_wor
 
     from companion.cli import failure_summary
 
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nbformat.write(nb, tmp_path / "bad.ipynb")
     f = tmp_path / "report"
     f.write_text("x")
-    r = run_cli("run-notebooks", str(tmp_path), "--html", str(f))
+    r = run_cli("run-notebooks", str(tmp_path / "bad.ipynb"), "--html", str(f))
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
     assert failure_summary(CellTimeoutError("----"), 30) == "FAILED: a cell ran longer than 30 s (raise --timeout, or make the cell faster)"
     coloured = RuntimeError("-----\n\x1b[0;31mValueError\x1b[0m: bad value\n-----")
     assert failure_summary(coloured, 30) == "FAILED: RuntimeError: ValueError: bad value"
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("raise ValueError('boom')")]
-    nbformat.write(nb, tmp_path / "bad.ipynb")
     r = run_cli("run-notebooks", str(tmp_path / "bad.ipynb"))
     assert r.returncode == 1 and "ValueError: boom" in r.stdout and "\x1b[" not in r.stdout
