@@ -32,6 +32,7 @@ Design choices, and why:
 """
 from __future__ import annotations
 
+import abc
 import html
 import threading
 import time
@@ -436,14 +437,15 @@ class SamplingSetup:
                 controls[name].disabled = not model.conditional
 
 
-class _Panel:
+class _Panel(abc.ABC):
     """A panel's two faces: the live ``widget``, and :meth:`static_html` (what nbconvert, the HTML report and a
     reader without a widget front end see). Every panel shows itself through here."""
 
     widget: w.Widget
 
+    @abc.abstractmethod
     def static_html(self) -> str:
-        raise NotImplementedError
+        """The panel as static HTML."""
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}

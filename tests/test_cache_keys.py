@@ -11,20 +11,10 @@ import torch
 from companion import bench, provenance
 from companion.errors import CacheWarning
 from companion.features import load_feature_net
-from companion.models import DiffusionModel
 from companion.speed import SpeedOptions, accelerate
+from test_bench import tiny_model  # the same small random conditional UNet the sweep tests use
 
 N = 128
-
-
-def tiny_model() -> DiffusionModel:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, num_class_embeds=11, norm_num_groups=8)
-    return DiffusionModel(unet, name="tiny", num_classes=10)
 
 
 def run(model, cache, metrics=("class_accuracy",)):

@@ -151,6 +151,17 @@ def test_lab_refuses_missing_folder_and_busy_port(tmp_path):
     assert r.returncode == 2 and f"port {port}" in r.stderr and "already in use" in r.stderr
 
 
+def _status_within(url: str, seconds: float) -> int | None:
+    """The HTTP status of ``url`` once it answers (the server needs a moment to start), or None."""
+    deadline, status = time.time() + seconds, None
+    while time.time() < deadline and status != 200:
+        try:
+            status = urllib.request.urlopen(url, timeout=5).status
+        except OSError:
+            time.sleep(0.5)
+    return status
+
+
 def test_lab_serves_jupyterlab_on_loopback():
     proc = subprocess.Popen([*CLI, "lab", "--port", "0", "--token", "t0ken"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -159,13 +170,7 @@ def test_lab_serves_jupyterlab_on_loopback():
         m = re.search(r"http://127\.0\.0\.1:(\d+)/lab\?token=t0ken", line)
         assert m, line
         url = f"http://127.0.0.1:{m.group(1)}/lab?token=t0ken"
-        deadline, status = time.time() + 60, None
-        while time.time() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(url, timeout=5).status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
+        assert _status_within(url, 60) == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -187,13 +192,7 @@ def test_lab_takes_its_server_down_on_any_signal_and_keeps_the_token_private(sig
         cmdline = Path(f"/proc/{server_pid}/cmdline")
         if cmdline.exists():
             assert b"s3cret" not in cmdline.read_bytes()  # other local users can read the process list
-        deadline, status = time.time() + 60, None
-        while time.time() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(url, timeout=5).status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
+        assert _status_within(url, 60) == 200
         os.kill(proc.pid, sig)  # the launcher alone, as a terminal closing or a process manager would
         assert proc.wait(timeout=30) == 0
         deadline = time.time() + 20
