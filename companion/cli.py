@@ -227,11 +227,17 @@ def static_view(nb):
     return nb
 
 
-CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"  # nbval's comment marker (still honoured)
+CHECK_TAG = "nbval-check-output"  # nbval's cell tag: keeps the marker out of the code a student reads
+
+
+def is_checked(cell) -> bool:
+    """Whether CI compares this code cell's output (nbval's ``nbval-check-output`` tag, or the comment marker)."""
+    return CHECK_TAG in cell.get("metadata", {}).get("tags", []) or CHECK_MARK in cell.source
 
 
 def store_checked_outputs(nb, path: Path) -> None:
-    """Write ``nb`` to ``path`` keeping only the outputs CI compares (cells marked NBVAL_CHECK_OUTPUT).
+    """Write ``nb`` to ``path`` keeping only the outputs CI compares (cells tagged ``nbval-check-output``).
 
     Every other output, execution count and the widget state are dropped: they hold volatile ids, timings
     and megabytes of plotly.js, and the chapters are stored clean.
@@ -243,7 +249,7 @@ def store_checked_outputs(nb, path: Path) -> None:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
-        if CHECK_MARK in cell.source:
+        if is_checked(cell):
             # nbval compares only cells that were run: a stored output needs an execution count
             count += 1
             cell.execution_count = count
@@ -497,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", default=None, metavar="DIR", help="write an HTML report of each executed notebook into DIR")
     s.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
     s.add_argument("--store-checked-outputs", action="store_true",
-                   help="write the outputs of cells marked NBVAL_CHECK_OUTPUT back into the notebooks (all other outputs stripped)")
+                   help="write the outputs of cells tagged nbval-check-output back into the notebooks (all other outputs stripped)")
     s.set_defaults(func=cmd_run_notebooks)
 
     add_train(sub)
