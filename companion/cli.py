@@ -280,12 +280,21 @@ def cmd_run_notebooks(args) -> int:
     from nbconvert import HTMLExporter
     from tqdm import tqdm
 
+    record = Path(args.record).resolve() if args.record else None
+    if record is not None and record.suffix != ".json":
+        raise CliError(f"--record {args.record}: give a .json file to write the run times to")
     notebooks = find_notebooks(args.paths)
     html_dir = Path(args.html).resolve() if args.html else None
     if html_dir:
         if html_dir.exists() and not html_dir.is_dir():
             raise CliError(f"--html {args.html} is a file; give a folder for the HTML reports")
         html_dir.mkdir(parents=True, exist_ok=True)
+    cold_dir = None
+    if args.cold:  # every chapter starts from an empty sweep cache: the times a newcomer sees on a first run
+        import tempfile
+
+        cold_dir = tempfile.TemporaryDirectory(prefix="companion-cold-")
+        os.environ[bench.CACHE_ENV] = cold_dir.name  # inherited by each notebook's kernel
     rows, failed = [], 0
     bar = tqdm(notebooks, desc="notebooks", unit="nb")
     for nb_path in bar:
@@ -314,7 +323,27 @@ def cmd_run_notebooks(args) -> int:
     for name, _, _, out in rows:
         if out:
             print(f"HTML report: {out}")
+    if record is not None:
+        write_times(record, rows, cold=bool(args.cold), timeout=args.timeout)
+        print(f"run times written to {record}")
+    if cold_dir is not None:
+        cold_dir.cleanup()
     return 1 if failed else 0
+
+
+def write_times(path: Path, rows, *, cold: bool, timeout: int) -> None:
+    """The chapter run-time result file: each notebook's seconds and status, with the machine, threads and
+    library versions that produced them (README figures cite this file)."""
+    from .provenance import machine, versions
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": "companion run-notebooks " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "companion run-notebooks",
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(),
+           "thread_settings": {k: os.environ.get(k) for k in ("COMPANION_THREADS", "OMP_NUM_THREADS")},
+           "cold_cache": cold, "cell_timeout_s": timeout,
+           "notebooks": [{"notebook": name, "seconds": round(dt, 1), "status": status} for name, dt, status, _ in rows],
+           "total_seconds": round(sum(r[1] for r in rows), 1)}
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- train
@@ -504,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
     s.add_argument("--store-checked-outputs", action="store_true",
                    help="write the outputs of cells tagged nbval-check-output back into the notebooks (all other outputs stripped)")
+    s.add_argument("--record", default=None, metavar="FILE.json",
+                   help="write each notebook's run time, status, machine and versions to FILE.json (e.g. benchmarks/results/chapter_times.json)")
+    s.add_argument("--cold", action="store_true", help="run every notebook against an empty, temporary sweep cache (first-run times)")
     s.set_defaults(func=cmd_run_notebooks)
 
     add_train(sub)

@@ -24,9 +24,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("sampling",),                                           # diffusers' scheduler loop: sample(), cascade()
     ("sde", "partial", "reference"),                         # other chains; reference solutions
     ("metrics",),                                            # quality with intervals
-    ("bench", "design", "orders"),                           # sweeps, costs, measured orders
+    ("bench", "design", "orders", "verdicts"),               # sweeps, costs, measured orders; rules stated before a run
     ("train", "distill", "quality", "recipes"),              # training and what it records on the cards
-    ("plots", "report"),                                     # figures, images and tables for readers
+    ("plots", "report", "exercises"),                        # figures, images and tables for readers; self-checks
     ("widgets",),                                            # the panels
     ("cli", "__init__", "__main__"),                         # entry points
 ]

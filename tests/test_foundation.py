@@ -287,15 +287,26 @@ def test_store_checked_outputs_keeps_only_marked_cells(tmp_path):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(round(2 / 3, 2))"), nbformat.v4.new_code_cell("print('volatile')")]
+    tagged = nbformat.v4.new_code_cell("print(round(1 / 3, 2))", metadata={"tags": ["nbval-check-output"]})
+    nb.cells = [nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(round(2 / 3, 2))"), nbformat.v4.new_code_cell("print('volatile')"), tagged]
     path = tmp_path / "checked.ipynb"
     nbformat.write(nb, path)
-    r = run_cli("run-notebooks", str(path), "--store-checked-outputs", timeout=300)
+    times = tmp_path / "results" / "times.json"
+    r = run_cli("run-notebooks", str(path), "--store-checked-outputs", "--record", str(times), "--cold", timeout=300)
     assert r.returncode == 0, r.stderr
     stored = nbformat.read(path, as_version=4)
     assert stored.cells[0].outputs[0]["text"] == "0.67\n"
     assert stored.cells[0].execution_count == 1  # nbval only compares cells that were run
     assert stored.cells[1].outputs == [] and stored.cells[1].execution_count is None
+    assert stored.cells[2].outputs[0]["text"] == "0.33\n" and stored.cells[2].execution_count == 2  # the tag counts as a mark
+    doc = json.loads(times.read_text())
+    assert [row["notebook"] for row in doc["notebooks"]] == ["checked.ipynb"] and doc["notebooks"][0]["status"] == "ok"
+    assert doc["cold_cache"] is True and doc["notebooks"][0]["seconds"] > 0 and "cpu_count" in doc["machine"]
+
+
+def test_run_notebooks_record_needs_a_json_file(tmp_path):
+    r = run_cli("run-notebooks", str(tmp_path), "--record", str(tmp_path / "times.txt"), timeout=120)
+    assert r.returncode != 0 and "--record" in r.stderr and ".json" in r.stderr
 
 
 def _os_threads() -> int:
