@@ -126,8 +126,23 @@ def lab_command(notebooks: Path, port: int) -> list[str]:
     ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])  # containers often run as root
 
 
-def lab_env(token: str) -> dict:
-    return dict(os.environ, JUPYTER_TOKEN=token)
+def lab_threads(cpu_count: int | None = None) -> int:
+    """Torch threads for a kernel in a live session: every core but one, which the browser and the server need.
+
+    Why: a kernel sized to the machine while JupyterLab sits idle takes every core, and then competes with the
+    browser drawing its outputs and with the panels' background work; on the 2-core machine a panel's first run
+    took 1.9-2.4 s with two threads and 0.54 s with one, and a timed self-check lost its NFE proportionality.
+    """
+    return max(1, (cpu_count if cpu_count is not None else os.cpu_count() or 1) - 1)
+
+
+def lab_env(token: str, environ: dict | None = None) -> dict:
+    """The server's (and so each kernel's) environment: the token, and the kernel's torch threads unless the
+    user chose them already (``$COMPANION_THREADS`` or ``$OMP_NUM_THREADS``)."""
+    env = dict(os.environ if environ is None else environ, JUPYTER_TOKEN=token)
+    if not env.get("COMPANION_THREADS") and not env.get("OMP_NUM_THREADS"):
+        env["COMPANION_THREADS"] = str(lab_threads())
+    return env
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))

@@ -358,3 +358,13 @@ def test_run_notebooks_refuses_a_file_for_html_and_reports_failures_in_plain_wor
     assert failure_summary(coloured, 30) == "FAILED: RuntimeError: ValueError: bad value"
     r = run_cli("run-notebooks", str(tmp_path / "bad.ipynb"))
     assert r.returncode == 1 and "ValueError: boom" in r.stdout and "\x1b[" not in r.stdout
+
+
+def test_lab_leaves_a_core_for_the_browser_unless_told_otherwise():
+    from companion.cli import lab_env, lab_threads
+
+    assert lab_threads(2) == 1 and lab_threads(1) == 1 and lab_threads(16) == 15
+    env = lab_env("tok", {"PATH": "/bin"})
+    assert env["JUPYTER_TOKEN"] == "tok" and env["COMPANION_THREADS"] == str(lab_threads())
+    assert lab_env("tok", {"COMPANION_THREADS": "2"})["COMPANION_THREADS"] == "2"  # the user's choice stands
+    assert "COMPANION_THREADS" not in lab_env("tok", {"OMP_NUM_THREADS": "2"})
