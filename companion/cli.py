@@ -31,7 +31,9 @@ from .features import KIND as FEATURES_KIND
 from .models import load
 from .oracle import toy_mixture
 from .orders import convergence_order
+from .offline import export_html, pre_save_hook, static_view  # noqa: F401  (static_view: used by tests and the book)
 from .plots import html_report
+from .provenance import machine, versions
 from .train import TRAIN_THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +125,8 @@ def lab_command(notebooks: Path, port: int) -> list[str]:
         sys.executable, "-m", "jupyterlab", "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         f"--ServerApp.root_dir={notebooks}",
+        # saved notebooks keep the panels' static faces, not widget views that need the (gone) kernel on reopening
+        "--FileContentsManager.pre_save_hook=companion.offline.pre_save_hook",
     ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])  # containers often run as root
 
 
@@ -222,26 +226,6 @@ def execute_notebook(path: Path, timeout: int = 600):
     return nb
 
 
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def static_view(nb):
-    """The notebook as a reader without a live widget front end should see it.
-
-    nbconvert prefers a widget view over every other representation, and an exported widget view needs
-    the widget manager from a CDN (nothing shows offline). Where an output also carries a static
-    ``text/html`` or image representation (the companion's panels always do), keep that one instead.
-    """
-    nb = copy.deepcopy(nb)
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if WIDGET_VIEW in data and any(k in data for k in ("text/html", "image/png")):
-                del data[WIDGET_VIEW]
-    nb.metadata.pop("widgets", None)
-    return nb
-
-
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"  # nbval's comment marker (still honoured)
 CHECK_TAG = "nbval-check-output"  # nbval's cell tag: keeps the marker out of the code a student reads
 
@@ -292,7 +276,6 @@ def failure_summary(exc: BaseException, timeout: int) -> str:
 
 
 def cmd_run_notebooks(args) -> int:
-    from nbconvert import HTMLExporter
     from tqdm import tqdm
 
     record = Path(args.record).resolve() if args.record else None
@@ -323,7 +306,7 @@ def cmd_run_notebooks(args) -> int:
         dt = time.perf_counter() - t0
         out = ""
         if html_dir and nb is not None:
-            body, _ = HTMLExporter().from_notebook_node(static_view(nb))
+            body = export_html(nb)
             target = html_dir / (nb_path.stem + ".html")
             target.write_text(body, encoding="utf-8")
             out = str(target)
@@ -349,8 +332,6 @@ def cmd_run_notebooks(args) -> int:
 def write_times(path: Path, rows, *, cold: bool, timeout: int) -> None:
     """The chapter run-time result file: each notebook's seconds and status, with the machine, threads and
     library versions that produced them (README figures cite this file)."""
-    from .provenance import machine, versions
-
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "companion run-notebooks " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "companion run-notebooks",
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(),

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("metrics",),                                            # quality with intervals
     ("bench", "design", "orders", "verdicts"),               # sweeps, costs, measured orders; rules stated before a run
     ("train", "distill", "quality", "recipes"),              # training and what it records on the cards
-    ("plots", "report", "exercises"),                        # figures, images and tables for readers; self-checks
+    ("plots", "report", "exercises", "offline"),             # figures, images and tables for readers; self-checks; offline views
     ("widgets",),                                            # the panels
     ("cli", "__init__", "__main__"),                         # entry points
 ]
