@@ -43,6 +43,10 @@ class SpeedOptionError(CompanionError, ValueError):
     """A speed option the device or the model cannot use."""
 
 
+class CachingError(CompanionError, ValueError):
+    """A feature cache asked of a model it cannot apply to, or with a bad setting."""
+
+
 class CacheWarning(UserWarning):
     """A cache entry was unreadable or damaged and is being recomputed."""
 

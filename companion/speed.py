@@ -237,7 +237,7 @@ def _set_attention(net: torch.nn.Module, sdpa: bool) -> None:
         a.set_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
-class _NetworkView:
+class NetworkView:
     """The base model as its own ``predict_noise`` sees it, except that ``unet`` is the accelerated network."""
 
     def __init__(self, base, unet):
@@ -386,7 +386,7 @@ class AcceleratedModel:
             x = x.contiguous(memory_format=torch.channels_last)
         predict = type(self.base).predict_noise
         with _fp32_math(self._device.type, self.options.precision == "tf32"), self._autocast():
-            eps = predict(_NetworkView(self.base, self._call_net), x, t, class_labels=class_labels, cond=cond)
+            eps = predict(NetworkView(self.base, self._call_net), x, t, class_labels=class_labels, cond=cond)
         return eps.to(torch.float32).contiguous()
 
     def predict_noise(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None):

@@ -18,8 +18,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                             # what may go wrong
     ("device", "assets", "samplers", "taxonomy"),            # where things run and live; the sampler registry
     ("schedules", "data", "speed"),                          # noise levels, data sets, speed options for a network
-    ("nets", "features", "oracle", "provenance"),            # other networks; exact scores; what produced a result
-    ("models",),                                             # the diffusion-model interface and the one loader
+    ("nets", "features", "oracle", "provenance", "caching"), # other networks; exact scores; what produced a result; feature caching
+    ("models", "pipelines"),                                 # the diffusion-model interface and the one loader; pipelines
     ("denoiser",),                                           # the one guided network call and the run record
     ("sampling",),                                           # diffusers' scheduler loop: sample(), cascade()
     ("sde", "partial", "reference"),                         # other chains; reference solutions
