@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU device check, one command, at most 5 minutes on one H100, no network needed:
+# The GPU device check, one command, no network needed (parts 1-2: at most 5 minutes on one H100; part 3: 7 more):
 #   1. the GPU tests and the speed tests (tests/test_gpu.py, tests/test_speed.py with the slow inductor test on),
 #   2. the GPU benchmark (benchmarks/gpu_benchmark.py) with the time that is left,
-# then prints where the results are: benchmarks/results/gpu_<gpu-name>.json and .md, plus the logs.
+#   3. full-size text-to-image pipelines against their own __call__ (benchmarks/pipeline_overhead.py),
+# then prints where the results are: benchmarks/results/gpu_<gpu-name>.json and .md,
+# benchmarks/results/pipeline_overhead_gpu.json and .md, plus the logs.
 #
 #   bash benchmarks/device_check.sh [COPY_DIR]
 #
@@ -10,7 +12,9 @@
 # Python: the repo's .venv when it sees a CUDA GPU, else python3 (a GPU image with torch). Missing pure-Python
 # packages (diffusers, importlib_metadata) are installed from wheels in .whl/ when that folder exists; see docs/gpu.md.
 # pytest runs without the project's addopts (they name nbval, which a GPU image need not have).
-# DEVICE_CHECK_LIMIT_S overrides the total budget (default 290 s).
+# DEVICE_CHECK_LIMIT_S overrides the total budget of parts 1-2 (default 290 s). Part 3, the full-size text-to-image
+# pipelines (benchmarks/pipeline_overhead.py, needs transformers), has its own, PIPELINE_CHECK_LIMIT_S (default 420 s);
+# DEVICE_CHECK_PARTS=pipelines runs part 3 alone, DEVICE_CHECK_PARTS=core parts 1-2 alone (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -50,6 +54,31 @@ if [ -n "$missing" ]; then
 fi
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| diffusers', diffusers.__version__)"
 
+# ---- text-to-image pipelines at full size (benchmarks/pipeline_overhead.py): the companion's sampling loop against
+# each pipeline's own __call__ (same scheduler, same NFE: checked) with random weights built from configs written in the
+# script (no network): SD-1.5 UNet at 512 px, SDXL UNet at 1024 px, SD3-medium transformer at 1024 px; seconds per image
+# at 1/4/20/50 steps, peak memory, network time per step, decode and text-encoding cost apart. Its own budget:
+# PIPELINE_CHECK_LIMIT_S (default 420 s, within 8 minutes with start-up). DEVICE_CHECK_PARTS=pipelines runs only it.
+pipelines_part() {
+  local budget=${PIPELINE_CHECK_LIMIT_S:-420}
+  if ! "$PY" -c "import transformers" 2>/dev/null; then
+    say "pipelines: transformers is missing (pip install 'transformers>=4.45', or bring its wheel in .whl/): skipped"
+    return 3
+  fi
+  say "pipelines: full-size random SD-1.5 / SDXL / SD3 against their own __call__; budget $budget s"
+  timeout --signal=INT "$budget" "$PY" benchmarks/pipeline_overhead.py --size full --pipelines sd15,sdxl,sd3 \
+    --steps 1,4,20,50 --time-limit $(( budget - 90 )) --out "$RESULTS/pipeline_overhead_gpu" 2>&1 | tee "$LOGS/pipelines.log"
+  return "${PIPESTATUS[0]}"
+}
+if [ "${DEVICE_CHECK_PARTS:-all}" = "pipelines" ]; then
+  pipelines_part; PIPE_RC=$?
+  say "pipelines exit code $PIPE_RC; results: $RESULTS/pipeline_overhead_gpu.json and .md, log $LOGS/pipelines.log"
+  if [ -n "$COPY_DIR" ]; then
+    mkdir -p "$COPY_DIR" && cp "$RESULTS"/pipeline_overhead_gpu.* "$LOGS"/pipelines.log "$COPY_DIR"/ 2>/dev/null
+  fi
+  exit "$PIPE_RC"
+fi
+
 say "tests (GPU and speed options); budget $(( $(left) - 150 )) s"
 timeout --signal=INT $(( $(left) - 150 )) "$PY" -m pytest tests/test_gpu.py tests/test_speed.py -q -rs --durations=10 -p no:cacheprovider -o addopts="" \
   2>&1 | tee "$LOGS/pytest.log"
@@ -67,13 +96,21 @@ else
 fi
 say "benchmark exit code $BENCH_RC"
 
+if [ "${DEVICE_CHECK_PARTS:-all}" = "all" ]; then
+  pipelines_part; PIPE_RC=$?
+  say "pipelines exit code $PIPE_RC"
+else
+  PIPE_RC=0
+fi
+
 echo
 say "results:"
-ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md 2>/dev/null | sed 's/^/  /'
+ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* 2>/dev/null | sed 's/^/  /'
 echo "  $LOGS/pytest.log"
 echo "  $LOGS/benchmark.log"
+echo "  $LOGS/pipelines.log"
 if [ -n "$COPY_DIR" ]; then
-  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
+  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
   say "copied to $COPY_DIR"
 fi
-[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$PIPE_RC" -eq 0 ]

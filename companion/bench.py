@@ -30,9 +30,10 @@ import torch
 
 from . import metrics as M
 from .device import randn
+from .errors import ModelError
 from .features import default_feature_net_name, load_feature_net
-from .models import load
-from .provenance import machine, model_fingerprint, versions
+from .models import feature_space_for, load
+from .provenance import machine, model_fingerprint, tensor_digest, versions
 from .reference import reference
 from .samplers import get as get_sampler
 from .sampling import sample
@@ -68,18 +69,41 @@ def _jsonable(v):
     return v
 
 
+def quality_space(model, metrics: Sequence[str], feature: str | None, reference_images=None) -> str | None:
+    """The feature network a sweep's image metrics use (None without image metrics).
+
+    Without ``reference_images`` (real images of the model's data) only the space trained on the model's own data
+    is allowed (:func:`companion.models.feature_space_for`): a model from the Hub or a pipeline is refused rather
+    than scored against the companion's data. With them, samples and real images meet in ``feature`` (default: by channel count).
+    ``ode_distance`` is refused on text-to-image pipelines: its reference solver passes no prompt and integrates
+    the variance-preserving ODE only.
+    """
+    if "ode_distance" in metrics and getattr(model, "text_conditional", False):
+        raise ModelError(f"ode_distance is not available for pipeline model {getattr(model, 'name', '')!r}: the reference "
+                         f"ODE solver carries no text conditioning (nor a flow-matching schedule); drop it from metrics")
+    if not any(m in M.IMAGE_METRICS for m in metrics):
+        return None
+    if reference_images is None:
+        return feature_space_for(model, feature)
+    c = int(model.image_shape[0])
+    if not torch.is_tensor(reference_images) or reference_images.ndim != 4 or reference_images.shape[1] != c:
+        got = tuple(reference_images.shape) if torch.is_tensor(reference_images) else type(reference_images).__name__
+        raise ValueError(f"reference_images must be real images of the model's data, a tensor (N, {c}, H, W) in [-1, 1]; "
+                         f"got {got}")
+    return feature or default_feature_net_name(model.image_shape)
+
+
 def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
-               metrics: Sequence[str], feature: str | None, n_ode: int) -> dict:
+               metrics: Sequence[str], feature: str | None, n_ode: int, reference_images=None) -> dict:
     """Everything a run's result depends on: the cache key is a digest of this.
 
     The model enters as its fingerprint as it is in memory (weights, class, schedule, speed wrapper), not the
     sha256 it was loaded with, so a model changed in place or wrapped with speed options is a new model; the
-    feature network the image metrics use enters the same way; library versions and the companion's own source
-    digest, and the machine (rows hold timings), complete it.
+    feature network the image metrics use enters the same way, and a reference image set by its digest; library
+    versions and the companion's own source digest, and the machine (rows hold timings), complete it.
     """
-    image_metrics = [m for m in metrics if m in M.IMAGE_METRICS]
-    feature_name = (feature or default_feature_net_name(model.image_shape)) if image_metrics else None
-    return {
+    feature_name = quality_space(model, metrics, feature, reference_images)
+    config = {
         "model": getattr(model, "name", "model"),
         "model_fingerprint": model_fingerprint(model),
         "sampler": sampler,
@@ -97,6 +121,9 @@ def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: i
         "versions": versions(),
         "machine": machine(),
     }
+    if reference_images is not None:  # only then: the keys of runs without one stay what they were
+        config["reference"] = tensor_digest(reference_images)
+    return config
 
 
 def cache_key(config: dict) -> str:
@@ -257,7 +284,8 @@ def initial_noise(model, n: int, seed: int) -> torch.Tensor:
 
 
 def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
-                metrics: Sequence[str], feature: str | None, n_ode: int, cache: RunCache, config: dict) -> dict:
+                metrics: Sequence[str], feature: str | None, n_ode: int, cache: RunCache, config: dict,
+                reference_images=None) -> dict:
     """Sample once and measure everything: one row of the sweep table."""
 
     labels = class_labels_for(model, n_samples)
@@ -276,7 +304,9 @@ def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: 
     if image_metrics:
         # images are judged as a reader sees them: clamped to the data range [-1, 1], as diffusers' pipelines do
         # before display (a few wild pixels of an undertrained model would otherwise dominate the FD)
-        found = M.evaluate_images(res.images.clamp(-1, 1), labels, metrics=image_metrics, feature=feature, seed=seed)
+        space = quality_space(model, metrics, feature, reference_images)
+        against = {"reference": reference_images} if reference_images is not None else {}
+        found = M.evaluate_images(res.images.clamp(-1, 1), labels, metrics=image_metrics, feature=space, seed=seed, **against)
         row["out_of_range_fraction"] = float((res.images.abs() > 1.0).float().mean())
         row.update(M.as_columns(found))
     if "ode_distance" in metrics:
@@ -303,7 +333,7 @@ def _check_metrics(metrics) -> tuple[str, ...]:
 def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
                n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
                cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
-               on_result: Callable[[dict], None] | None = None) -> Iterator[dict]:
+               on_result: Callable[[dict], None] | None = None, reference_images=None) -> Iterator[dict]:
     """Yield one result row per run as it finishes (cached runs first appear instantly)."""
     from tqdm.auto import tqdm
 
@@ -327,17 +357,19 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
         seeds = (seeds,)
     for m in metrics:  # fail before sampling anything
         M.require_samples(n_samples, "prdc" if m == "prdc" else m)
+    quality_space(model, metrics, feature, reference_images)
     cache = RunCache(cache_dir)
     grid = list(itertools.product(samplers, steps, guidance, modes, seeds))
     bar = tqdm(grid, desc=f"sweep {getattr(model, 'name', '')}", disable=not progress, unit="run")
     for sampler, n, g, mode, seed in bar:
         bar.set_postfix_str(f"{sampler} {n} steps", refresh=False)
-        config = run_config(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode)
+        config = run_config(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, reference_images)
         key = cache_key(config)
         row = cache.get(key, config)
         cached = row is not None
         if not cached:
-            row = measure_run(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, cache, config)
+            row = measure_run(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, cache, config,
+                              reference_images)
             cache.put(key, config, row)
         row = dict(row, cached=cached, cache_key=key)
         if on_result is not None:
@@ -348,7 +380,7 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
 def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
           n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
           cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
-          on_result: Callable[[dict], None] | None = None) -> pd.DataFrame:
+          on_result: Callable[[dict], None] | None = None, reference_images=None) -> pd.DataFrame:
     """Run (or read from the cache) every sampler x steps x guidance x mode x seed; one table row per run.
 
     ``model``: a loaded model or a bundled name. ``modes``: dicts of extra keyword arguments for ``sample``
@@ -356,9 +388,14 @@ def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,)
     ``fd, kid, prdc, class_accuracy, ode_distance`` (each with ``_low``, ``_high``, ``_n`` columns;
     ``ode_distance`` is NaN for stochastic samplers and measures from the training schedule's first timestep,
     so a spacing that starts later counts as error). ``on_result(row)`` is called as each run finishes.
+    Image metrics are measured in the feature space trained on the model's own data; a model from the Hub or a
+    pipeline has none and is refused unless ``reference_images`` (real images of its data, (N, C, H, W) in [-1, 1]) is
+    given, against which it is then scored in ``feature`` (:func:`quality_space`). A pipeline's prompt goes in a
+    mode: ``modes=({"prompt": "a red car"},)``.
     """
     rows = list(iter_sweep(model, samplers, steps, guidance, modes, seeds, n_samples=n_samples, metrics=metrics,
-                           feature=feature, cache_dir=cache_dir, n_ode=n_ode, progress=progress, on_result=on_result))
+                           feature=feature, cache_dir=cache_dir, n_ode=n_ode, progress=progress, on_result=on_result,
+                           reference_images=reference_images))
     return pd.DataFrame(rows)
 
 

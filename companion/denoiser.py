@@ -42,8 +42,9 @@ class Conditioning:
     ``class_labels``: (B,) int64, ``num_classes`` meaning "no class". ``image``: the low-resolution image of a
     super-resolution stage (the model's ``cond``). ``text`` / ``null_text``: text-encoder embeddings of the prompt
     and of the empty (or negative) prompt, for pipelines; classifier-free guidance pairs ``text`` with
-    ``null_text``. ``extra``: any further keyword inputs a pipeline's network needs (passed unchanged, and doubled
-    along the batch for guidance when they are tensors of batch size B).
+    ``null_text``. ``extra``: any further keyword inputs a pipeline's network needs (passed unchanged; for guidance
+    a tensor is stacked with its unconditional counterpart in ``null_extra`` — SDXL's pooled negative-prompt
+    embedding — or with itself when ``null_extra`` has none, e.g. SDXL's size ids).
     """
 
     class_labels: torch.Tensor | None = None
@@ -51,6 +52,7 @@ class Conditioning:
     text: torch.Tensor | None = None
     null_text: torch.Tensor | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    null_extra: Mapping[str, Any] = field(default_factory=dict)
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``predict_noise``: only what is set (unconditional models take none)."""
@@ -76,7 +78,7 @@ class Conditioning:
                 raise SamplingError("classifier-free guidance on text needs null_text (the empty prompt's embeddings)")
             text = torch.cat([self.text, self.null_text.expand_as(self.text)])
         image = torch.cat([self.image, self.image]) if self.image is not None else None
-        extra = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in self.extra.items()}
+        extra = {k: torch.cat([v, self.null_extra.get(k, v)]) if torch.is_tensor(v) else v for k, v in self.extra.items()}
         return Conditioning(class_labels=labels, image=image, text=text, extra=extra)
 
 
@@ -94,6 +96,12 @@ class RunRecord:
     ``step_s``: wall time of each loop iteration. ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated``
     during the call; on CPU the growth of the process's peak resident set size (``ru_maxrss``) during the call,
     which is 0 when the run stayed below an earlier peak — ``peak_mem_kind`` says which.
+    ``network_step_s``: the time of each network call of the denoising loop (one per loop iteration);
+    ``encode_s``: the text encoders (a pipeline's prompt), ``decode_s``: the latent decoder — network time outside
+    the loop, both included in ``network_s``, so the loop's own network time is network_s - encode_s - decode_s.
+    ``prompt`` / ``negative_prompt``: what a text-conditioned model was asked for (None: its unconditional, empty
+    prompt); ``guidance_embedded``: the guidance scale went into the network as an input (LCM), not into a
+    classifier-free combination (then a step is 1 NFE).
     """
 
     sampler: str
@@ -118,6 +126,12 @@ class RunRecord:
     device: str = "cpu"
     model: str = ""
     speed: dict = field(default_factory=dict)
+    network_step_s: list = field(default_factory=list)
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    prompt: str | list | None = None
+    negative_prompt: str | list | None = None
+    guidance_embedded: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +184,8 @@ def as_int(v):
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
 
 
-def check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond) -> None:
+def check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond, *,
+               prompt=None, negative_prompt=None) -> None:
     """Refuse bad sampling arguments with a message that names the bad value and the valid choices."""
     n_train = int(model.scheduler_config["num_train_timesteps"])
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n_train:
@@ -184,10 +199,10 @@ def check_args(model, spec, steps, guidance, eta, class_labels, classifier, clas
     if guidance is not None:
         if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
             raise SamplingError(f"guidance must be a number (the classifier-free guidance scale) or None, got {guidance!r}")
-        if not getattr(model, "conditional", False):
+        if not (getattr(model, "conditional", False) or getattr(model, "text_conditional", False)):
             raise SamplingError(
                 f"guidance={guidance} needs a class-conditional model; {getattr(model, 'name', 'this model')!r} is unconditional "
-                "(use guidance=None, or classifier guidance with classifier=...)"
+                "(use guidance=None, or classifier guidance with classifier=...; text-to-image pipelines take guidance too)"
             )
         if not math.isfinite(float(guidance)):
             raise SamplingError(f"guidance must be a finite number, got {guidance!r}")
@@ -206,8 +221,26 @@ def check_args(model, spec, steps, guidance, eta, class_labels, classifier, clas
         raise SamplingError("classifier guidance needs class_labels= (the class each sample is steered towards)")
     if class_labels is not None and not getattr(model, "conditional", False) and classifier is None:
         raise SamplingError(f"model {getattr(model, 'name', '')!r} is unconditional: class_labels need classifier= guidance")
+    check_prompt(model, guidance, prompt, negative_prompt)
     if getattr(model, "cond_shape", None) is not None and cond is None:
         raise SamplingError(f"model {model.name!r} is a super-resolution stage: pass cond=<low-resolution images of shape {model.cond_shape}>")
+
+
+def check_prompt(model, guidance, prompt, negative_prompt) -> None:
+    """A prompt needs a text-conditioned model; a negative prompt is the other half of classifier-free guidance."""
+    name = getattr(model, "name", "this model")
+    if prompt is not None and not getattr(model, "text_conditional", False):
+        kind = "class-conditional (use class_labels=)" if getattr(model, "conditional", False) else "unconditional"
+        raise SamplingError(f"model {name!r} is {kind}: it takes no prompt. Text-to-image pipelines (Stable Diffusion, "
+                            f"SDXL, LCM, SD3: load('<folder or Hub id>')) take prompts")
+    if negative_prompt is not None:
+        if not getattr(model, "text_conditional", False):
+            raise SamplingError(f"model {name!r} takes no negative_prompt: it is not text-conditioned")
+        if getattr(model, "guidance_embedded", False):
+            raise SamplingError(f"model {name!r} takes its guidance scale as a network input (no classifier-free "
+                                f"guidance), so it has no use for negative_prompt; drop it")
+        if guidance is None:
+            raise SamplingError("negative_prompt is the unconditional half of classifier-free guidance: pass guidance=<scale>")
 
 
 SEED_MAX = 2**63 - 2  # torch generators take 64-bit seeds; a run also uses seed + 1 (a stochastic sampler's stream)
@@ -284,6 +317,8 @@ class Denoiser:
         self.nfe = 0
         self.classifier_evals = 0
         self.network_s = 0.0
+        self.call_s: list[float] = []  # each network call of the loop
+        self.parts: dict[str, float] = {"encode": 0.0, "decode": 0.0}  # network time outside the loop
 
     def wrap(self, wrapper: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]) -> "Denoiser":
         """Replace the network call by ``wrapper(network)`` (same signature as ``predict_noise``): the one place a
@@ -319,16 +354,25 @@ class Denoiser:
         n0 = time.perf_counter()
         eps = self.eps(x, t)
         self.sync()
-        self.network_s += time.perf_counter() - n0
+        dt = time.perf_counter() - n0
+        self.network_s += dt
+        self.call_s.append(dt)
         return eps
 
-    def timed(self, fn: Callable[[], Any]) -> Any:
-        """Run other network work (e.g. a VAE decode) inside the network-time account."""
+    def timed(self, fn: Callable[[], Any], part: str | None = None) -> Any:
+        """Run other network work (e.g. a VAE decode) inside the network-time account; ``part`` (``"encode"``,
+        ``"decode"``) also books it apart from the loop."""
         n0 = time.perf_counter()
         out = fn()
         self.sync()
-        self.network_s += time.perf_counter() - n0
+        self.account(time.perf_counter() - n0, part)
         return out
+
+    def account(self, seconds: float, part: str | None = None) -> None:
+        """Book ``seconds`` of network work done outside a call of this denoiser (e.g. the prompt's encoding)."""
+        self.network_s += seconds
+        if part is not None:
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
 
     @staticmethod
     def check_finite(x: torch.Tensor, what: str, where: str = "") -> None:
@@ -338,16 +382,21 @@ class Denoiser:
 
     def record(self, *, sampler: str, steps: int, wall_s: float, step_s: list, scheduler_class: str, scheduler_config: dict,
                seed: int, batch: int, spacing: str, stochastic: bool, eta: float | None = None, device=None,
-               peak: tuple[int, str] = (0, "not measured")) -> RunRecord:
-        """The :class:`RunRecord` of a run driven by this denoiser (its NFE, network time, guidance filled in)."""
+               peak: tuple[int, str] = (0, "not measured"), prompt=None, negative_prompt=None,
+               embedded_guidance: float | None = None) -> RunRecord:
+        """The :class:`RunRecord` of a run driven by this denoiser (its NFE, network time, guidance filled in).
+        ``embedded_guidance``: the scale a network took as an input (recorded as the run's guidance)."""
         return RunRecord(
             sampler=sampler, steps=steps, nfe=self.nfe, wall_s=wall_s, network_s=self.network_s,
             overhead_s=wall_s - self.network_s, step_s=step_s, peak_mem_bytes=peak[0], peak_mem_kind=peak[1],
             scheduler_class=scheduler_class, scheduler_config=scheduler_config, seed=seed, batch=batch,
-            guidance=self.guidance, eta=None if eta is None else float(eta), spacing=spacing, stochastic=stochastic,
+            guidance=self.guidance if embedded_guidance is None else float(embedded_guidance),
+            eta=None if eta is None else float(eta), spacing=spacing, stochastic=stochastic,
             classifier_scale=self.classifier_scale, classifier_evals=self.classifier_evals,
             device=str(device if device is not None else model_device(self.model)), model=str(getattr(self.model, "name", "")),
-            speed=describe_speed(self.model),
+            speed=describe_speed(self.model), network_step_s=list(self.call_s), encode_s=self.parts.get("encode", 0.0),
+            decode_s=self.parts.get("decode", 0.0), prompt=prompt, negative_prompt=negative_prompt,
+            guidance_embedded=embedded_guidance is not None,
         )
 
     def finish(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +404,7 @@ class Denoiser:
         a latent model's samples are decoded (timed as network work), a pixel model's samples are its images."""
         samples = x.to(dtype)
         if getattr(self.model, "is_latent", False):
-            images = self.timed(lambda: self.model.decode(samples))
+            images = self.timed(lambda: self.model.decode(samples), "decode")
             self.check_finite(images, f"the decoder of {getattr(self.model, 'name', 'the latent model')!r}",
                               "in the decoded images (the latents were finite)")
         else:

@@ -7,14 +7,15 @@ optional low-resolution conditioning (a super-resolution stage). The exact-score
 :mod:`companion.oracle` implement the same interface, so a sampler cannot tell them apart.
 
 Checkpoints are read from safetensors only (diffusers ``from_pretrained(..., use_safetensors=True)``);
-nothing is ever unpickled.
+nothing is ever unpickled. Text-to-image pipelines (Stable Diffusion, SDXL, LCM, SD3) load through the same
+:func:`load` as a :class:`companion.pipelines.PipelineModel`. :func:`feature_space_for` says which feature space
+a model's images may be scored in (the one trained on its data), and refuses models from outside the companion.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +23,8 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
-from . import assets, features, nets
-from .assets import HUB_TIMEOUT_S, hub_unavailable
+from . import assets, features, nets, pipelines
+from .assets import HUB_TIMEOUT_S
 from .device import pick_device
 from .errors import ModelError  # noqa: F401  (raised here; defined with the others)
 from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
@@ -110,6 +111,11 @@ class DiffusionModel(torch.nn.Module):
     @property
     def is_latent(self) -> bool:
         return self.vae is not None
+
+    @property
+    def dataset(self) -> str | None:
+        """The companion data set it was trained on (its card's ``dataset`` or recipe ``data``), else None."""
+        return self.card.get("dataset") or (self.card.get("config") or {}).get("data")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -356,24 +362,37 @@ def _is_diffusers_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file() or (folder / "config.json").is_file()
 
 
+def _unet_class(cfg_path: Path) -> str | None:
+    try:
+        return json.loads(cfg_path.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path} is not valid JSON ({e})") from e
+
+
+def _load_vq(folder: Path):
+    """An LDM pipeline's ``vqvae/`` and its latent scaling: (VQModel, latent std, decoded image shape factor)."""
+    vq = _from_pretrained(diffusers.VQModel, folder / "vqvae")
+    return vq, 1.0 / float(vq.config.scaling_factor), 2 ** (len(vq.config.block_out_channels) - 1)
+
+
 def from_diffusers_folder(folder: str | Path, *, name: str | None = None) -> DiffusionModel:
-    """A :class:`DiffusionModel` from a folder saved by diffusers (e.g. ``DDPMPipeline.save_pretrained``).
+    """A :class:`DiffusionModel` from a UNet2DModel folder saved by diffusers (e.g. ``DDPMPipeline.save_pretrained``).
 
     The folder holds ``unet/`` (a ``UNet2DModel`` in safetensors) and ``scheduler/scheduler_config.json``
     (the training schedule), or a bare UNet (``config.json`` + weights) with ``scheduler_config.json`` beside it.
+    A latent-diffusion folder (``unet/`` + ``vqvae/``, the layout of ``LDMPipeline``) loads as a latent model that
+    decodes through its VQ autoencoder, as the pipeline does (``latents / scaling_factor``, then ``vqvae.decode``).
     """
     folder = Path(folder)
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     cfg_path = unet_dir / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{folder} is not a diffusers UNet folder: {cfg_path} is missing")
-    try:
-        cls_name = json.loads(cfg_path.read_text()).get("_class_name")
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path} is not valid JSON ({e})") from e
+    cls_name = _unet_class(cfg_path)
     if cls_name != "UNet2DModel":
         raise ModelError(f"{unet_dir} holds a {cls_name!r}, not a UNet2DModel: the companion samples from "
-                         f"unconditional or class-conditional UNet2DModel pipelines (e.g. DDPMPipeline/DDIMPipeline)")
+                         f"unconditional or class-conditional UNet2DModel pipelines (e.g. DDPMPipeline/DDIMPipeline/LDMPipeline) "
+                         f"and from the text-to-image pipelines {', '.join(pipelines.FAMILIES)} (with their model_index.json)")
     sched_path = next((p for p in (folder / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json") if p.is_file()), None)
     if sched_path is None:
         raise ModelError(f"{folder} has no scheduler/scheduler_config.json: the training noise schedule is unknown; "
@@ -387,8 +406,15 @@ def from_diffusers_folder(folder: str | Path, *, name: str | None = None) -> Dif
     if unet.config.in_channels != unet.config.out_channels:
         raise ModelError(f"{unet_dir}: in_channels={unet.config.in_channels} != out_channels={unet.config.out_channels}; "
                          f"conditioned UNets need a companion card that says what the extra channels are")
-    card = {"kind": "diffusion", "name": name or folder.name, "source": str(folder), "scheduler_config": sched}
-    return DiffusionModel(unet, sched, name=name or folder.name, sample_shape=(unet.config.out_channels, size, size), card=card)
+    c = unet.config.out_channels
+    vae, std, image_shape = None, None, None
+    if (folder / "vqvae").is_dir():
+        vae, scale, factor = _load_vq(folder)
+        std, image_shape = [scale] * c, (vae.config.out_channels, size * factor, size * factor)
+    card = {"kind": "diffusion", "name": name or folder.name, "source": str(folder), "scheduler_config": sched,
+            "origin": "diffusers", "dataset": None}
+    return DiffusionModel(unet, sched, name=name or folder.name, sample_shape=(c, size, size), image_shape=image_shape,
+                          vae=vae, latent_std=std, card=card)
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -396,48 +422,59 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text
 
 
-def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S) -> DiffusionModel:
-    """A Hugging Face Hub diffusers pipeline (e.g. ``google/ddpm-cifar10-32``) as a :class:`DiffusionModel`.
+PIPELINE_OPTIONS = ("torch_dtype", "variant", "lora", "lora_scale")
 
-    Only JSON configs and safetensors weights are fetched (never pickles). A cached copy loads offline; an
-    uncached id raises :class:`ModelError` within about ``timeout`` seconds when the Hub is unreachable or
-    ``HF_HUB_OFFLINE`` is set.
+
+def _from_diffusers(folder: Path, name: str | None, device, options: dict):
+    """A diffusers folder by its pipeline class: a text-to-image pipeline, or a UNet2DModel pipeline."""
+    class_name = pipelines.read_model_index(folder)["_class_name"] if (folder / "model_index.json").is_file() else None
+    if class_name in pipelines.FAMILIES:
+        return pipelines.from_pretrained(folder, name=name, device=pick_device(device), **options)
+    if class_name is not None and class_name not in pipelines.UNET_PIPELINES:
+        raise pipelines.refuse_class(class_name, str(folder))
+    given = [k for k in PIPELINE_OPTIONS if options.get(k) not in (None, 1.0, False) and k != "variant"]
+    if given:
+        raise ModelError(f"{', '.join(given)} apply to text-to-image pipelines ({', '.join(pipelines.FAMILIES)}); "
+                         f"{folder} holds a UNet2DModel pipeline, which runs in float32 (reduced precision: sample(..., speed='bf16'))")
+    return from_diffusers_folder(folder, name=name)
+
+
+def from_hub(repo_id: str, *, timeout: float = HUB_TIMEOUT_S, revision: str | None = None, local_files_only: bool = False,
+             device=None, **options):
+    """A Hugging Face Hub diffusers repository (e.g. ``google/ddpm-cifar10-32``, ``stabilityai/sd-turbo``) as a model.
+
+    Only what the pipeline needs is fetched (:func:`companion.pipelines.allow_patterns`: its component folders, the
+    chosen ``variant``, safetensors weights; never pickles). A cached copy loads offline; an uncached id raises
+    :class:`ModelError` within about ``timeout`` seconds when the Hub is unreachable or ``HF_HUB_OFFLINE`` is set.
     """
-    from huggingface_hub import constants, snapshot_download  # optional: only a Hub id needs it
-
-    patterns = ["*.json", "*.safetensors"]
-    try:
-        path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
-    except Exception:
-        path = None
-    if path is None or not _is_diffusers_folder(Path(path)):
-        why = hub_unavailable(timeout)
-        if why:
-            raise ModelError(
-                f"Hub model {repo_id!r} is not in the local Hugging Face cache and the Hub ({constants.ENDPOINT}) is not "
-                f"reachable ({why}). Connect once (and unset HF_HUB_OFFLINE) to download it, or load a pipeline "
-                f"folder saved with save_pretrained(dir) via load(dir). Bundled models: {', '.join(bundled_names()) or '(none)'}"
-            )
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout * 4)))
-        try:
-            path = snapshot_download(repo_id, allow_patterns=patterns)
-        except Exception as e:
-            raise ModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from e
-    return from_diffusers_folder(path, name=repo_id)
+    path = pipelines.fetch(repo_id, revision=revision, variant=options.get("variant"), local_files_only=local_files_only,
+                           timeout=timeout)
+    if not _is_diffusers_folder(path):
+        raise ModelError(f"Hub repository {repo_id!r} holds no diffusers pipeline (no model_index.json or config.json)")
+    return _from_diffusers(path, repo_id, device, dict(options, local_files_only=local_files_only))
 
 
-def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
+def load(name_or_path: str | Path, *, device: str | torch.device | None = None, torch_dtype=None, variant: str | None = None,
+         revision: str | None = None, local_files_only: bool = False, lora=None, lora_scale: float = 1.0):
     """Load a model: a bundled name, a companion asset folder, a diffusers pipeline folder, or a Hub id.
 
     - bundled name (``assets/models/<name>``) or any folder with a ``companion.json`` card: loaded by the
       card's kind (diffusion models, autoencoders, classifiers, feature networks), sha256 checked;
-    - a folder saved by diffusers (``DDPMPipeline.save_pretrained(dir)``): a :class:`DiffusionModel`;
+    - a folder saved by diffusers: a UNet2DModel pipeline (``DDPMPipeline``, ``LDMPipeline`` with its VQ
+      autoencoder, ...) as a :class:`DiffusionModel`; a text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL,
+      Turbo, LCM, SD3) as a :class:`companion.pipelines.PipelineModel`;
     - ``owner/name`` Hub id (e.g. ``google/ddpm-cifar10-32``): downloaded once when online, then cached.
+
+    Pipeline options: ``torch_dtype`` (float32, float16, bfloat16; checked to run on ``device``), ``variant``
+    (``"fp16"``: the ``*.fp16.safetensors`` files), ``revision`` (a Hub branch, tag or commit),
+    ``local_files_only`` (never ask the Hub), ``lora`` (LoRA weights, e.g. LCM-LoRA: a Hub id, folder or
+    ``.safetensors`` file; needs the ``hub`` extra) fused at ``lora_scale``.
 
     Raises :class:`ModelError` (or :class:`companion.assets.AssetError` for a corrupted bundled file)
     naming the bad name/file and what to do.
     """
     text = str(name_or_path)
+    options = {"torch_dtype": torch_dtype, "variant": variant, "lora": lora, "lora_scale": lora_scale}
     folder = assets.models_dir() / text
     if text and "/" not in text and folder.is_dir() and not (folder / assets.CARD).is_file():
         raise ModelError(f"bundled model folder {folder} has no {assets.CARD} (its card was deleted or never written): "
@@ -445,12 +482,16 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
     if not (folder / assets.CARD).is_file():
         folder = Path(text).expanduser()
     if (folder / assets.CARD).is_file():
+        given = [k for k in ("torch_dtype", "variant", "lora") if options[k] is not None]
+        if given or revision is not None:
+            raise ModelError(f"{', '.join(given + (['revision'] if revision else []))} apply to diffusers pipelines and Hub "
+                             f"models; {text!r} is a companion asset (float32; reduced precision: sample(..., speed='bf16'))")
         card = assets.read_card(folder)
         model = _kind_loader(folder, card.get("kind"))(folder)
     elif folder.is_dir() and _is_diffusers_folder(folder):
-        model = from_diffusers_folder(folder)
+        model = _from_diffusers(folder, None, device, dict(options, local_files_only=local_files_only))
     elif not folder.exists() and _looks_like_hub_id(text):
-        model = from_hub(text)
+        model = from_hub(text, revision=revision, local_files_only=local_files_only, device=device, **options)
     else:
         names = bundled_names()
         raise ModelError(
@@ -458,3 +499,62 @@ def load(name_or_path: str | Path, *, device: str | torch.device | None = None):
             f"nor a Hub id (owner/name); bundled: {', '.join(names) or '(none)'}"
         )
     return model.to(pick_device(device))
+
+
+# ---------------------------------------------------------------------------------------------- which feature space
+
+FOREIGN = "outside the companion"  # model_dataset() of a Hub, diffusers-folder or pipeline model
+
+
+def model_dataset(model) -> str | None:
+    """The data set ``model`` was trained on as far as the companion knows: a bundled model's (``digits``,
+    ``shapes``), :data:`FOREIGN` for a model from the Hub, a diffusers folder or a pipeline (its data is not one
+    of the companion's), None when nothing says (a model built in code)."""
+    card = getattr(model, "card", None) or {}
+    if getattr(model, "kind", None) == pipelines.PipelineModel.kind or card.get("origin") == "diffusers":
+        return FOREIGN
+    return getattr(model, "dataset", None) or card.get("dataset") or (card.get("config") or {}).get("data")
+
+
+def feature_spaces() -> dict[str, dict]:
+    """The bundled feature networks: name -> {dataset, in_channels, image_size} (from their cards)."""
+    return {name: {"dataset": c.get("dataset"), "in_channels": (c.get("config") or {}).get("in_channels"),
+                   "image_size": (c.get("config") or {}).get("image_size")}
+            for name, c in assets.manifest().items() if c.get("kind") == features.KIND}
+
+
+def _spaces_text() -> str:
+    return "; ".join(f"{n} (trained on {s['dataset']}, {s['in_channels']}x{s['image_size']}x{s['image_size']} images)"
+                     for n, s in feature_spaces().items()) or "(none bundled)"
+
+
+def feature_space_for(model, feature: str | None = None) -> str:
+    """The feature network ``model``'s images may be scored in without a reference set: the one trained on its data.
+
+    Refuses (:class:`ModelError`) a model from outside the companion — its images would be scored against data it
+    was never trained on (CIFAR samples against shapes) — and an explicit ``feature`` trained on other data. A model
+    built in code (no data set on record) gets the bundled network for its channel count.
+    """
+    dataset = model_dataset(model)
+    name = getattr(model, "name", "model")
+    if dataset == FOREIGN:
+        raise ModelError(
+            f"model {name!r} comes from outside the companion (its training data is not one the companion knows), so "
+            f"image metrics in a bundled feature space would score it against the wrong data. Feature spaces: "
+            f"{_spaces_text()}. Pass real images of the model's own data as the reference set "
+            f"(bench.sweep(..., reference_images=<tensor (N, {model.image_shape[0]}, H, W) in [-1, 1]>, feature=<a space above>)), "
+            f"or measure speed only (metrics=())")
+    spaces = feature_spaces()
+    if feature is not None:
+        trained_on = spaces.get(feature, {}).get("dataset")
+        if dataset is not None and trained_on is not None and trained_on != dataset:
+            raise ModelError(f"feature space {feature!r} was trained on {trained_on}, but model {name!r} on {dataset}; "
+                             f"use {', '.join(n for n, s in spaces.items() if s['dataset'] == dataset) or 'a reference set'}")
+        return feature
+    if dataset is not None:
+        match = [n for n, s in spaces.items() if s["dataset"] == dataset]
+        if not match:
+            raise ModelError(f"no bundled feature space was trained on {dataset!r} (model {name!r}); feature spaces: "
+                             f"{_spaces_text()}; pass a reference set")
+        return match[0]
+    return features.default_feature_net_name(model.image_shape)

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from . import pipelines
 from . import samplers as registry
 from .denoiser import (Conditioning, Denoiser, MemoryProbe, RunRecord, SampleResult, as_int, check_args,  # noqa: F401
                        check_seed, model_device, resolve_cond, resolve_labels)
@@ -135,7 +136,7 @@ def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None
     for i, t in enumerate(timesteps):
         t0 = time.perf_counter()
         first = getattr(sched, "state_in_first_order", True)
-        xin = sched.scale_model_input(x, t)
+        xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x  # flow matching: no scaling
         eps = denoiser(xin, t)
         if eps_dtype is not None:
             eps = eps.to(eps_dtype)
@@ -160,23 +161,31 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
            spacing: str | None = None, seed: int = 0, batch: int = 16, class_labels=None, cond=None, classifier=None,
            classifier_scale: float | None = None, return_trajectory: bool = False, device=None,
            progress: bool = False, speed=None, x_T: torch.Tensor | None = None, wrap=None,
-           dtype: torch.dtype = torch.float32) -> SampleResult:
+           dtype: torch.dtype = torch.float32, prompt=None, negative_prompt=None) -> SampleResult:
     """Draw ``batch`` samples from ``model`` with ``sampler`` in ``steps`` steps.
 
     ``model``: any object with the :class:`companion.models.DiffusionModel` interface (pixel, latent — decoded
-    at the end — super-resolution with ``cond``, class-conditional, or an exact-score oracle).
+    at the end — super-resolution with ``cond``, class-conditional, an exact-score oracle, or a text-to-image
+    pipeline, :class:`companion.pipelines.PipelineModel`).
     ``guidance``: classifier-free guidance scale w (eps = eps_u + w (eps_c - eps_u)); conditional and
-    unconditional halves go through the network in one batched call, which counts as 2 NFE.
+    unconditional halves go through the network in one batched call, which counts as 2 NFE. On a network that
+    takes its guidance scale as an input (LCM) it is that input instead, and a step stays 1 NFE.
+    ``prompt`` / ``negative_prompt``: for a text-conditioned pipeline, one string or ``batch`` strings; encoded
+    by the pipeline's own text encoders. Without a prompt a pipeline samples unconditionally (the empty prompt);
+    the negative prompt replaces the empty prompt as guidance's unconditional half (needs ``guidance``).
     ``classifier``: a noise-aware classifier ``clf(x_t, t) -> logits``; its gradient of log p(y | x_t) steers
     the samples towards ``class_labels`` (eps -= scale * sqrt(1 - abar_t) * grad), with any sampler.
     ``eta``: DDIM's noise level (0 deterministic, 1 DDPM-like); only samplers with an eta accept it.
-    ``spacing``: leading / linspace / trailing / karras / exponential (``None``: the scheduler's default);
-    spacings a scheduler cannot do are refused.
+    ``spacing``: leading / linspace / trailing / karras / exponential (``None``: the scheduler's default, or the
+    pipeline's own where the sampler can do it, e.g. Turbo's trailing); spacings a scheduler cannot do are refused.
+    On a flow-matching model the samplers with a flow-matching form run on its shifted sigma grid; others are
+    refused with the ones that fit (:func:`companion.pipelines.check_flow_sampler`).
     ``return_trajectory``: also return ``[(t, x_t), ...]``: the state (VP scaling) at the start of every full
     step, then ``(-1.0, x_0)`` for the final output (-1 marks sigma = 0).
     ``speed``: speed options for the network (:class:`companion.speed.SpeedOptions`, a dict, or a label such as
     ``"bf16+channels_last"``); recorded in ``record.speed``. For repeated calls, build the model once with
     :func:`companion.speed.accelerate` instead (each call here prepares, and possibly compiles, a copy).
+    A pipeline's precision is chosen when it is loaded (``load(..., torch_dtype=...)``).
     ``x_T``: the initial noise (batch, *sample_shape), unit variance (default: ``randn(seed)``).
     ``wrap``: ``wrap(network) -> network``, applied to the network call (:meth:`companion.denoiser.Denoiser.wrap`):
     the seam where a cache, a quantised network or a pipeline's own network replaces ``model.predict_noise``.
@@ -190,8 +199,20 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     if dtype not in (torch.float32, torch.float64):
         raise SamplingError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     float64 = dtype == torch.float64
-    check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond)
-    spacing, _ = registry.spacing_options(spec, spacing)
+    flow = getattr(model, "prediction", None) == "flow"
+    if flow:  # before the step checks: an unfit sampler is the first thing to say
+        pipelines.check_flow_sampler(spec, model, spacing)
+    check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond,
+               prompt=prompt, negative_prompt=negative_prompt)
+    _check_pipeline_options(model, flow, speed, float64)
+    if flow:
+        spacing = "flow"
+    else:
+        if spacing is None and hasattr(model, "default_spacing"):
+            spacing = model.default_spacing(spec)
+        spacing, _ = registry.spacing_options(spec, spacing)
+    prompts = pipelines.resolve_prompts(prompt, batch)
+    negatives = pipelines.resolve_prompts(negative_prompt, batch, "negative_prompt")
     if x_T is not None:
         x_T = torch.as_tensor(x_T, dtype=torch.float32).cpu()
         if tuple(x_T.shape) != (batch, *model.sample_shape):
@@ -208,17 +229,23 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     memory = MemoryProbe(dev)
     t_start = time.perf_counter()
 
-    sched = _prepared_scheduler(spec, model.scheduler_config, spacing, steps, dev)
+    if flow:
+        sched = pipelines.flow_scheduler(spec, model, steps, dev)
+    else:
+        sched = _prepared_scheduler(spec, model.scheduler_config, spacing, steps, dev)
     if float64:
         float64_tables(sched, sigma_map(model))
     labels = resolve_labels(model, class_labels, batch, dev)
     cond = resolve_cond(cond, batch, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    text, cfg, encode_s = _text_conditioning(model, prompts, negatives, guidance, batch, sync)
     if x_T is None:
         x_T = randn((batch, *model.sample_shape), seed)
-    x = x_T.to(dev, dtype) * (float(sched.init_noise_sigma) if float64 else sched.init_noise_sigma)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    denoiser = Denoiser(model, Conditioning(class_labels=labels, image=cond), guidance=guidance, classifier=classifier,
+    sigma0 = getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma = 1 and have none
+    x = x_T.to(dev, dtype) * (float(sigma0) if float64 else sigma0)
+    denoiser = Denoiser(model, Conditioning(class_labels=labels, image=cond, **text), guidance=cfg, classifier=classifier,
                         classifier_scale=classifier_scale, sync=sync)
+    denoiser.account(encode_s, "encode")
     if float64 and not hasattr(model, "eps_at_sigma"):  # a trained network computes in its own precision
         denoiser.wrap(lambda network: lambda x, t, **kw: network(x.to(torch.float32), t, **kw).to(torch.float64))
     if wrap is not None:
@@ -242,12 +269,37 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
         trajectory.append((-1.0, x.to(dtype).detach().cpu().clone()))
     images, samples = denoiser.finish(x, dtype)
     wall = time.perf_counter() - t_start
+    embedded = (model.default_guidance if guidance is None else guidance) if getattr(model, "guidance_embedded", False) else None
     record = denoiser.record(
         sampler=spec.key, steps=steps, wall_s=wall, step_s=step_s, scheduler_class=type(sched).__name__,
         scheduler_config=dict(sched.config), seed=seed, batch=batch, spacing=spacing,
-        stochastic=spec.stochastic or (spec.has_eta and bool(eta)), eta=eta, device=dev, peak=memory.read())
+        stochastic=spec.stochastic or (spec.has_eta and bool(eta)), eta=eta, device=dev, peak=memory.read(),
+        prompt=prompt, negative_prompt=negative_prompt, embedded_guidance=embedded)
     return SampleResult(images=images, samples=samples, record=record, trajectory=trajectory, x_T=x_T,
                         class_labels=None if labels is None else labels.cpu())
+
+
+def _check_pipeline_options(model, flow: bool, speed, float64: bool) -> None:
+    """Refuse what a pipeline model cannot do yet: speed wrappers (they pass no text conditioning to the network) and
+    float64 solver tables on a flow-matching schedule (those tables are the variance-preserving ones)."""
+    name = getattr(model, "name", "model")
+    if speed is not None and getattr(model, "text_conditional", False):
+        raise SamplingError(f"speed= cannot wrap text-conditioned model {name!r} (the speed wrapper passes only class "
+                            f"labels to the network); choose its precision when loading: load(..., torch_dtype=torch.float16)")
+    if float64 and flow:
+        raise SamplingError(f"dtype=torch.float64 builds variance-preserving solver tables; {name!r} is a flow-matching "
+                            f"model: use dtype=torch.float32")
+
+
+def _text_conditioning(model, prompts, negatives, guidance, batch: int, sync) -> tuple[dict, float | None, float]:
+    """(text fields of the Conditioning, the classifier-free guidance scale, seconds spent in the text encoders)."""
+    if not getattr(model, "text_conditional", False):
+        return {}, guidance, 0.0
+    t0 = time.perf_counter()
+    fields, cfg = model.text_conditioning(prompts if prompts is not None else [""] * batch, negatives, guidance)
+    if sync is not None:
+        sync()
+    return fields, cfg, time.perf_counter() - t0
 
 
 def cascade(base, sr, base_steps: int, sr_steps: int, *, n: int, seed: int = 0, sampler: str = "ddim",

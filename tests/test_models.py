@@ -207,3 +207,60 @@ def test_uncached_hub_id_fails_fast_offline(hf_offline):
     with pytest.raises(ModelError, match=r"Hub model 'google/ddpm-cifar10-32' is not in the local Hugging Face cache.*save_pretrained"):
         models.load("google/ddpm-cifar10-32")
     assert time.perf_counter() - t0 < 10
+
+
+def test_unsupported_pipeline_classes_and_unet_pipelines(tmp_path, tiny_unet):
+    from diffusers import DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler
+
+    ScoreSdeVePipeline(unet=tiny_unet(channels=(8, 16)), scheduler=ScoreSdeVeScheduler()).save_pretrained(tmp_path / "ve")
+    with pytest.raises(ModelError, match=r"holds a 'ScoreSdeVePipeline', which the companion does not sample from; supported "
+                                         r"pipeline classes: StableDiffusionPipeline.*DDPMPipeline"):
+        models.load(tmp_path / "ve")
+    from diffusers import DDIMPipeline
+
+    DDIMPipeline(unet=tiny_unet(channels=(8, 16)), scheduler=DDPMScheduler(**TRAIN_SCHEDULE)).save_pretrained(tmp_path / "ddim")
+    model = models.load(tmp_path / "ddim")
+    assert isinstance(model, DiffusionModel) and not model.is_latent and model.card["origin"] == "diffusers"
+
+
+# ------------------------------------------------------------------------------------------------ which feature space
+def test_each_model_is_scored_in_the_feature_space_of_its_own_data(tmp_path, tiny_unet):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    assert models.feature_space_for(models.load("digits-cond")) == "features-digits"
+    assert models.feature_space_for(models.load("shapes-latent")) == "features-shapes"
+    assert models.model_dataset(models.load("digits-pd-4")) == "digits"
+    with pytest.raises(ModelError, match=r"feature space 'features-shapes' was trained on shapes, but model 'digits-cond' on "
+                                         r"digits; use features-digits"):
+        models.feature_space_for(models.load("digits-cond"), "features-shapes")
+    built = DiffusionModel(tiny_unet(in_channels=3, out_channels=3, channels=(8, 16)), name="built-in-code")
+    assert models.model_dataset(built) is None and models.feature_space_for(built) == "features-shapes"
+    DDPMPipeline(unet=tiny_unet(in_channels=3, out_channels=3, channels=(8, 16)),
+                 scheduler=DDPMScheduler(**TRAIN_SCHEDULE)).save_pretrained(tmp_path / "cifar-like")
+    foreign = models.load(tmp_path / "cifar-like")
+    assert models.model_dataset(foreign) == models.FOREIGN
+    with pytest.raises(ModelError, match=r"model 'cifar-like' comes from outside the companion .*features-shapes \(trained on "
+                                         r"shapes, 3x32x32 images\).*reference_images=<tensor \(N, 3, H, W\) in \[-1, 1\]>"):
+        models.feature_space_for(foreign)
+
+
+def test_a_sweep_scores_a_foreign_model_only_against_a_reference_set(tmp_path, tiny_unet):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from companion import bench
+
+    DDPMPipeline(unet=tiny_unet(in_channels=3, out_channels=3, channels=(8, 16)),
+                 scheduler=DDPMScheduler(**TRAIN_SCHEDULE)).save_pretrained(tmp_path / "cifar-like")
+    model = models.load(tmp_path / "cifar-like")
+    kw = dict(n_samples=128, metrics=("fd",), cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(ModelError, match="comes from outside the companion"):
+        bench.sweep(model, ["ddim"], [2], **kw)
+    with pytest.raises(ValueError, match=r"reference_images must be real images of the model's data, a tensor \(N, 3, H, W\)"):
+        bench.sweep(model, ["ddim"], [2], reference_images=torch.zeros(8, 1, 8, 8), **kw)
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(200, 3, 8, 8, generator=g) * 2 - 1
+    row = bench.sweep(model, ["ddim"], [2], reference_images=real, feature="features-shapes", **kw).iloc[0]
+    assert row["fd"] > 0 and row["fd_n"] == 128 and not row["cached"]
+    again = bench.sweep(model, ["ddim"], [2], reference_images=real, feature="features-shapes", **kw).iloc[0]
+    other = bench.sweep(model, ["ddim"], [2], reference_images=real.flip(0)[:150], feature="features-shapes", **kw).iloc[0]
+    assert again["cached"] and again["fd"] == row["fd"] and not other["cached"]  # the reference set is part of the key

@@ -1,0 +1,327 @@
+"""The companion's sampling loop against a diffusers pipeline's own ``__call__``, same scheduler, NFE and device.
+
+For each pipeline and step count: seconds per image of ``companion.sampling.sample(model, ..., prompt=...)`` and of
+``pipe(prompt, latents=..., output_type="pt")`` (each including prompt encoding, the loop and the VAE decode), their
+ratio (the companion's overhead; goal <= 1.02 on a GPU), the NFE of both (counted on the network for the
+pipeline), the network time per step, the decode and text-encoding costs reported apart, and peak memory. Runs
+alternate companion / pipeline so that load from other processes hits both alike; the figures are medians.
+
+Weights are random: pipelines are built from configs (no download; the config numbers are written below), since
+the cost of a forward pass does not depend on the weights' values. A letter tokenizer is written locally.
+
+    python benchmarks/pipeline_overhead.py --size tiny --out benchmarks/results/pipeline_overhead_cpu_tiny   # CPU
+    python benchmarks/pipeline_overhead.py --size full --time-limit 420 --out benchmarks/results/pipeline_overhead_gpu
+
+``--size tiny``: SD-shaped pipeline with a 2-level 32/64-channel UNet on 16x16 latents (32 px), float32 — on a CPU
+this measures the loop's own overhead, not a realistic workload. ``--size full``: SD-1.5 UNet at 512 px, SDXL UNet at
+1024 px and an SD3-medium transformer at 1024 px (T5-XXL omitted: ``text_encoder_3=None``, as diffusers allows;
+its prompt is then 77 + 77 tokens instead of 77 + 256), bfloat16 (fp16 random weights overflow), on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import diffusers  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from benchmarks._machine import machine  # noqa: E402
+from companion.pipelines import PipelineModel  # noqa: E402
+from companion.sampling import sample  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+# --------------------------------------------------------------------------------------------- configurations
+# Key numbers of the published configs (unet/config.json, text_encoder*/config.json, vae/config.json).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
+              hidden_act="quick_gelu")
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+                 hidden_act="gelu")
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+FULL = {
+    "sd15": dict(  # runwayml/stable-diffusion-v1-5: 860M-parameter UNet, 512 px
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8),
+        vae=dict(SD_VAE, scaling_factor=0.18215), guidance=7.5, sampler="euler"),
+    "sdxl": dict(  # stabilityai/stable-diffusion-xl-base-1.0: 2.6B-parameter UNet, 1024 px
+        unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True), guidance=5.0, sampler="euler"),
+    "sd3": dict(  # stabilityai/stable-diffusion-3-medium-diffusers: 2B-parameter MMDiT, 1024 px
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+        vae=dict(SD_VAE, sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                 use_quant_conv=False, use_post_quant_conv=False), guidance=7.0, sampler="euler"),
+}
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+TINY = dict(
+    unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=8),
+    vae=dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+             latent_channels=4, norm_num_groups=4, sample_size=32), guidance=7.5, sampler="euler")
+
+
+def tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters (no download); prompts are padded to CLIP's 77 tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def clip(cfg: dict, projection: bool):
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77, **cfg)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build(kind: str, size: str, device: torch.device, dtype: torch.dtype, tok) -> "diffusers.DiffusionPipeline":
+    """A pipeline with random weights, built on ``device`` in ``dtype``."""
+    if size == "tiny" and kind != "sd15":
+        raise SystemExit(f"--size tiny builds an SD-shaped pipeline only (sd15), not {kind!r}")
+    cfg = TINY if size == "tiny" else FULL[kind]
+    torch.manual_seed(0)
+    with torch.device(device):  # the networks are initialised where they run (an SDXL UNet in float32 is 10 GB)
+        vae = diffusers.AutoencoderKL(**cfg["vae"])
+        if kind == "sd15":
+            nets = dict(unet=diffusers.UNet2DConditionModel(**cfg["unet"]),
+                        text_encoder=clip(TINY_CLIP if size == "tiny" else CLIP_L, False))
+        elif kind == "sdxl":
+            nets = dict(unet=diffusers.UNet2DConditionModel(**cfg["unet"]), text_encoder=clip(CLIP_L, False),
+                        text_encoder_2=clip(CLIP_BIGG, True))
+        else:
+            nets = dict(transformer=diffusers.SD3Transformer2DModel(**cfg["transformer"]), text_encoder=clip(CLIP_L, True),
+                        text_encoder_2=clip(CLIP_BIGG, True))
+    if kind == "sd15":  # schedulers keep their tables on the CPU, as loaded pipelines do
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, tokenizer=tok, scheduler=diffusers.PNDMScheduler(skip_prk_steps=True, **SCALED_LINEAR), safety_checker=None,
+            feature_extractor=None, image_encoder=None, requires_safety_checker=False, **nets)
+    elif kind == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, tokenizer=tok, tokenizer_2=tok, image_encoder=None, feature_extractor=None,
+                                                   scheduler=diffusers.EulerDiscreteScheduler(**SCALED_LINEAR), **nets)
+    else:
+        pipe = diffusers.StableDiffusion3Pipeline(vae=vae, tokenizer=tok, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+                                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), **nets)
+    pipe.to(dtype=dtype)
+    if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+class CallCounter:
+    """Network calls of the pipeline (a forward pre-hook); with guidance each call holds both halves (2 NFE)."""
+
+    def __init__(self, net):
+        self.calls = 0
+        self.handle = net.register_forward_pre_hook(self.hook)
+
+    def hook(self, *args):
+        self.calls += 1
+
+
+def companion_run(model, cfg, steps, x_T, device):
+    peak_reset(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = sample(model, cfg["sampler"], steps, batch=1, prompt=PROMPT, guidance=cfg["guidance"], x_T=x_T, seed=0)
+    sync(device)
+    return (time.perf_counter() - t0, time.process_time() - c0), res.record, peak(device)
+
+
+def pipeline_run(model, cfg, steps, x_T, device, counter):
+    pipe = model.pipe
+    peak_reset(device)
+    counter.calls = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg["guidance"], latents=x_T.to(device, model.dtype), output_type="pt")
+    sync(device)
+    return (time.perf_counter() - t0, time.process_time() - c0), counter.calls * 2, peak(device)
+
+
+def measure(model, cfg, steps: int, repeats: int, device) -> dict:
+    """Alternating runs of the companion and of the pipeline (after one warm-up each), medians of ``repeats``.
+
+    Wall time is the figure on a GPU. On a shared CPU the process's CPU time is reported too: other processes
+    stretch wall time, not the CPU time this process spends (with one torch thread, all of it is the work)."""
+    x_T = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    _, rec, _ = companion_run(model, cfg, steps, x_T, device)  # warm-up; its scheduler is the one the pipeline gets
+    model.pipe.scheduler = getattr(diffusers, rec.scheduler_class).from_config(rec.scheduler_config)
+    counter = CallCounter(model.unet)
+    pipeline_run(model, cfg, steps, x_T, device, counter)
+    ours, theirs, ours_cpu, theirs_cpu, recs, nfe_pipe, peaks = [], [], [], [], [], None, [None, None]
+    for _ in range(repeats):
+        (t, c), rec, p = companion_run(model, cfg, steps, x_T, device)
+        ours.append(t)
+        ours_cpu.append(c)
+        recs.append(rec)
+        peaks[0] = p
+        (t, c), nfe_pipe, p = pipeline_run(model, cfg, steps, x_T, device, counter)
+        theirs.append(t)
+        theirs_cpu.append(c)
+        peaks[1] = p
+    counter.handle.remove()
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    row = {
+        "steps": steps, "repeats": repeats, "sampler": rec.sampler, "scheduler": rec.scheduler_class,
+        "guidance": cfg["guidance"], "nfe_companion": rec.nfe, "nfe_pipeline": nfe_pipe,
+        "companion_s_per_image": med(ours), "pipeline_s_per_image": med(theirs),
+        "overhead_ratio": med(ours) / med(theirs), "overhead_ratio_of_minima": min(ours) / min(theirs),
+        "companion_cpu_s": med(ours_cpu), "pipeline_cpu_s": med(theirs_cpu), "cpu_time_ratio": min(ours_cpu) / min(theirs_cpu),
+        "network_ms_per_step": 1e3 * med([statistics.mean(r.network_step_s) for r in recs]),
+        "encode_s": med([r.encode_s for r in recs]), "decode_s": med([r.decode_s for r in recs]),
+        "loop_network_s": med([sum(r.network_step_s) for r in recs]),
+        "solver_overhead_s": med([r.overhead_s for r in recs]),
+        "peak_mem_companion_bytes": peaks[0], "peak_mem_pipeline_bytes": peaks[1],
+    }
+    if rec.nfe != nfe_pipe:
+        raise RuntimeError(f"NFE differs: companion {rec.nfe}, pipeline {nfe_pipe} ({row})")
+    return row
+
+
+def repeats_for(steps: int, size: str) -> int:
+    return 11 if size == "tiny" else (3 if steps <= 4 else 2 if steps <= 20 else 1)
+
+
+# --------------------------------------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+    lines = [f"# Pipeline overhead: {result['title']}", "", result["note"], "",
+             f"Machine: {result['device_name']}; torch {result['machine']['torch']}, diffusers {result['diffusers']}; "
+             f"dtype {result['dtype']}; {result['machine']['cpu_count']} CPU cores, load average "
+             f"{result['machine']['load_average_1m_at_start']:.1f} at start; command `{result['machine']['command']}`", "",
+             "| pipeline | steps | NFE | companion s/img | pipeline s/img | ratio (medians) | ratio (minima) | CPU-time ratio (minima) | "
+             "network ms/step | encode s | decode s | peak GiB (ours / pipe) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['pipeline']} | {r.get('steps', '')} | | | | | | | | | | skipped: {r['skipped']} |")
+            continue
+        gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+        lines.append(f"| {r['pipeline']} | {r['steps']} | {r['nfe_companion']} | {r['companion_s_per_image']:.4f} | "
+                     f"{r['pipeline_s_per_image']:.4f} | {r['overhead_ratio']:.3f} | {r['overhead_ratio_of_minima']:.3f} | "
+                     f"{r['cpu_time_ratio']:.3f} | "
+                     f"{r['network_ms_per_step']:.2f} | "
+                     f"{r['encode_s']:.4f} | {r['decode_s']:.4f} | "
+                     f"{gib(r['peak_mem_companion_bytes'])} / {gib(r['peak_mem_pipeline_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    ap.add_argument("--pipelines", default=None, help="comma-separated from sd15,sdxl,sd3 (default: sd15 for tiny, all for full)")
+    ap.add_argument("--steps", default="1,4,20,50")
+    ap.add_argument("--device", default=None, help="default: cuda for full, cpu for tiny")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (tiny)")
+    ap.add_argument("--time-limit", type=float, default=float("inf"), help="seconds; configurations not started by then are skipped")
+    ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if args.size == "full" else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.size == "full" else torch.float32
+    kinds = (args.pipelines or ("sd15" if args.size == "tiny" else "sd15,sdxl,sd3")).split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    tok = tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
+    rows = []
+    out = Path(args.out)
+    for kind in kinds:
+        if time.perf_counter() - start > args.time_limit:
+            rows.append({"pipeline": kind, "skipped": "time limit"})
+            continue
+        cfg = TINY if args.size == "tiny" else FULL[kind]
+        t0 = time.perf_counter()
+        try:
+            model = PipelineModel(build(kind, args.size, device, dtype, tok), name=f"{kind}-{args.size}-random")
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({"pipeline": kind, "skipped": f"out of memory while building ({e})"})
+            continue
+        print(f"{kind}: built in {time.perf_counter() - t0:.1f} s, latent {model.sample_shape}, image {model.image_shape}", flush=True)
+        for n in steps:
+            if time.perf_counter() - start > args.time_limit:
+                rows.append({"pipeline": kind, "steps": n, "skipped": "time limit"})
+                continue
+            try:
+                row = dict(pipeline=kind, **measure(model, cfg, n, repeats_for(n, args.size), device))
+            except Exception as e:  # one failed configuration (memory, a diverged random network) does not end the check
+                rows.append({"pipeline": kind, "steps": n, "skipped": f"failed: {type(e).__name__}: {str(e)[:300]}"})
+                print(f"  {n:3d} steps FAILED: {rows[-1]['skipped']}", flush=True)
+                continue
+            rows.append(row)
+            print(f"  {n:3d} steps NFE {row['nfe_companion']:3d}: companion {row['companion_s_per_image']:.4f} s, pipeline "
+                  f"{row['pipeline_s_per_image']:.4f} s, ratio {row['overhead_ratio']:.3f} (CPU time {row['cpu_time_ratio']:.3f})",
+                  flush=True)
+            write(out, args, device, dtype, rows, start)  # after every row: a run cut short keeps what it measured
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(markdown(write(out, args, device, dtype, rows, start)))
+    return 0
+
+
+def write(out: Path, args, device, dtype, rows: list, start: float) -> dict:
+    """The result so far as ``out``.json and ``out``.md."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if args.size == "tiny":
+        title = "CPU, tiny random pipeline"
+        per_step = statistics.median([r["network_ms_per_step"] for r in rows if "network_ms_per_step" in r] or [float("nan")])
+        note = ("**A CPU figure with tiny random weights** (SD-shaped pipeline: 32/64-channel UNet on 16x16 latents, "
+                f"a 2-layer 32-wide CLIP text encoder, 32 px images; float32; {torch.get_num_threads()} thread(s) on a "
+                f"shared machine). A guided network call costs ~{per_step:.0f} ms here, so the loop's own costs weigh far "
+                "more than on a real model. The machine is shared (load average at start in `machine`): other processes "
+                "stretch wall time by tens of percent either way, so the **CPU-time ratio of minima** (this process's CPU "
+                "time, one torch thread; load only ever adds to it) is the figure to read here. Not a "
+                "GPU figure: benchmarks/device_check.sh runs the full-size one. Same scheduler, same NFE (checked), "
+                "alternating runs; medians.")
+    else:
+        title = f"{gpu}, full-size random pipelines"
+        note = ("Full-size configurations with random weights (SD-1.5 UNet at 512 px, SDXL UNet at 1024 px, SD3-medium "
+                "transformer at 1024 px without T5), bfloat16, batch 1, classifier-free guidance (2 NFE per step). "
+                "Same scheduler, same NFE (checked), alternating runs; medians.")
+    result = {"title": title, "note": note, "device": str(device), "device_name": gpu or machine()["cpu"],
+              "dtype": str(dtype).replace("torch.", ""), "diffusers": diffusers.__version__, "machine": machine(),
+              "prompt": PROMPT, "rows": rows, "total_s": time.perf_counter() - start}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
