@@ -184,6 +184,15 @@ def as_int(v):
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
 
 
+def require_diffusion(model, what: str) -> None:
+    """Refuse a flow-matching model in code written for a diffusion (VP noise-level) schedule: it would run and be
+    wrong, silently. ``what`` names the caller for the message."""
+    if getattr(model, "prediction", None) == "flow":
+        name = getattr(model, "name", type(model).__name__)
+        raise SamplingError(f"{what} follows a diffusion model's noise schedule; {name!r} is a flow-matching model "
+                            "(velocity on a linear path): sample it with companion.sample and a flow sampler")
+
+
 def check_args(model, spec, steps, guidance, eta, class_labels, classifier, classifier_scale, batch, cond, *,
                prompt=None, negative_prompt=None) -> None:
     """Refuse bad sampling arguments with a message that names the bad value and the valid choices."""

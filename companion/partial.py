@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import samplers as registry
-from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, resolve_labels
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, require_diffusion, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError
@@ -75,6 +75,7 @@ def sample_from(model, x_start: torch.Tensor | None, t_start: float | None, samp
     there (the remaining steps are not run). ``class_labels`` / ``guidance`` / ``eta`` / ``wrap`` as in
     :func:`companion.sample`.
     """
+    require_diffusion(model, "sample_from (partial sampling)")
     spec = registry.get(sampler)
     if (x_start is None) != (t_start is None):
         raise SamplingError("give both x_start and t_start (start from a noised image) or neither (start from pure noise)")

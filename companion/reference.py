@@ -35,7 +35,7 @@ from scipy.integrate import solve_ivp
 from safetensors.torch import load_file, save_file
 
 from . import samplers as registry
-from .denoiser import Conditioning, Denoiser
+from .denoiser import Conditioning, Denoiser, require_diffusion
 from .errors import CacheWarning
 from .sampling import sample
 from .schedules import SigmaMap
@@ -73,6 +73,7 @@ def solve_ode(model, x_T: torch.Tensor, t_end=0, *, t_start=None, rtol: float = 
     float64, on CPU). ``t_end="clean"`` integrates on to sigma = 0 (the data end, what samplers return).
     Uncached: use :func:`reference` for a cached solution.
     """
+    require_diffusion(model, "solve_ode (the probability-flow ODE of a VP diffusion)")
     smap = SigmaMap(model.scheduler_config)
     t_start = smap.n - 1 if t_start is None else t_start
     s0 = float(smap.sigma(torch.tensor(float(t_start))))

@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import samplers as registry
-from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, resolve_labels
+from .denoiser import Conditioning, Denoiser, SampleResult, check_args, check_seed, model_device, require_diffusion, resolve_labels
 from .device import generator as cpu_generator
 from .device import pick_device, randn
 from .errors import SamplingError
@@ -92,6 +92,7 @@ def sample_sde(model, sampler: str = "euler_maruyama", steps: int = 100, *, seed
     (classifier-free guidance counts 2 NFE per evaluation). ``x_T``: the initial state (VP scaling, unit variance
     for a correct prior); default ``randn(seed)``. ``wrap``: as in :func:`companion.sample`.
     """
+    require_diffusion(model, "sample_sde")
     _check(sampler, model, batch, snr, corrector_steps, x_T)
     check_args(model, registry.get("ddpm"), steps, guidance, None, class_labels, None, None, batch, None)
     seed = check_seed(seed)

@@ -356,6 +356,19 @@ def test_a_flow_model_refuses_the_samplers_without_a_flow_form(models):
         sample(m, "euler", 3, batch=1, dtype=torch.float64)
 
 
+def test_diffusion_only_code_refuses_a_flow_model(models):
+    from companion.partial import sample_from
+    from companion.reference import solve_ode
+    from companion.sde import sample_sde
+
+    m = models["sd3"]
+    x = torch.randn(1, *m.sample_shape)
+    for call in (lambda: sample_sde(m, "probability_flow", 3, batch=1), lambda: sample_from(m, None, None, "ddim", 3, batch=1),
+                 lambda: solve_ode(m, x)):
+        with pytest.raises(SamplingError, match="'sd3' is a flow-matching model.*flow sampler"):
+            call()
+
+
 def test_flow_samplers_integrate_the_same_ode(models):
     """Every deterministic flow sampler lands within 1% of the fine Heun solution of the same flow ODE from the same
     noise; DEIS's flow grid stops at sigma > 0, misses by more, and is therefore not offered.
