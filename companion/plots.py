@@ -23,21 +23,57 @@ import torch
 
 from .bench import HIGHER_IS_BETTER, pareto_front, pareto_mask  # noqa: F401  (public here too: figures use them)
 from .bench import quality_columns, run_labels, summary_table
+from .orders import NOMINAL, fit_order
 
+# Axis titles short enough to show whole on a 360-pixel-high figure (about 34 characters).
 AXIS_LABELS = {
     "wall_s": "wall time per run (s)",
     "network_s": "network time (s)",
     "nfe": "network evaluations per sample (NFE)",
     "flops_per_sample": "FLOPs per sample",
-    "fd": "Frechet distance (lower is better)",
+    "fd": "FD (lower is better)",
     "kid": "KID (lower is better)",
     "precision": "precision (higher is better)",
     "recall": "recall (higher is better)",
     "density": "density (higher is better)",
     "coverage": "coverage (higher is better)",
-    "class_accuracy": "class accuracy (higher is better)",
-    "ode_distance": "RMS distance to the reference ODE solution (lower is better)",
+    "class_accuracy": "class accuracy (higher = better)",
+    "ode_distance": "distance to ODE solution (RMS)",
 }
+
+# Distinct colours (Okabe-Ito, then Tableau), marker symbols and dash styles for figures with many series: a
+# series differs from its neighbours in colour *and* marker, so lines stay apart in print and for colour-blind readers.
+SERIES_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B", "#7F7F7F",
+                 "#BCBD22", "#17BECF", "#9467BD")
+SERIES_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "triangle-down", "pentagon",
+                  "hexagon", "circle-open", "square-open")
+SERIES_DASHES = ("solid", "dot", "dash", "dashdot", "longdash", "longdashdot")
+
+
+def series_style(i: int) -> dict:
+    """Colour, marker symbol and line of the ``i``-th series of a figure (distinct for the first 12)."""
+    return dict(color=SERIES_COLORS[i % len(SERIES_COLORS)], symbol=SERIES_SYMBOLS[i % len(SERIES_SYMBOLS)],
+                dash=SERIES_DASHES[(i // len(SERIES_COLORS)) % len(SERIES_DASHES)])
+
+
+def data_range(values, *, log: bool = False, pad: float = 0.08, floor_zero: bool = True) -> list[float] | None:
+    """An axis range that fits ``values`` (finite ones): from 0 (``floor_zero``) or a little below the smallest,
+    to a little above the largest; on a log axis, the log10 range with the same padding. None without values."""
+    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x)], dtype=float)
+    if log:
+        v = v[v > 0]
+    if not len(v):
+        return None
+    if log:
+        lo, hi = np.log10(v.min()), np.log10(v.max())
+        span = max(hi - lo, 0.3)
+        return [float(lo - pad * span), float(hi + pad * span)]
+    lo, hi = float(v.min()), float(v.max())
+    if floor_zero and lo >= 0:
+        top = hi * (1 + 2 * pad) if hi > 0 else 1.0
+        return [0.0, float(top)]
+    span = max(hi - lo, abs(hi) * 0.1, 1e-12)
+    return [float(lo - pad * span), float(hi + pad * span)]
 
 
 def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0, as_pil: bool = False):
@@ -88,17 +124,19 @@ def grid_png(images, nrow: int | None = None, scale: int = 4) -> bytes:
     return buf.getvalue()
 
 
-def difference_png(diff: torch.Tensor, scale: float | None = None) -> tuple[bytes, str]:
+def difference_png(diff: torch.Tensor, scale: float | None = None, *, nrow: int | None = None,
+                   pixel_scale: int = 4) -> tuple[bytes, str]:
     """A grid of a difference batch (N, C, H, W) and the sentence stating its scale.
 
     Each pixel shows the largest |a - b| over its colour channels: black 0, white ``scale`` or more
-    (``None``: the largest difference in the batch, so any difference is visible).
+    (``None``: the largest difference in the batch, so any difference is visible). ``nrow`` and ``pixel_scale``:
+    as for :func:`grid_png` (give the values of the grids shown beside it, so all have the same size).
     """
     per_pixel = diff.amax(dim=1, keepdim=True)
     largest = float(per_pixel.max()) if per_pixel.numel() else 0.0
     white = scale if scale is not None else largest
     shown = per_pixel / white if white > 0 else torch.zeros_like(per_pixel)
-    png = grid_png(shown.clamp(0, 1) * 2 - 1)
+    png = grid_png(shown.clamp(0, 1) * 2 - 1, nrow=nrow, scale=pixel_scale)
     mean = float(diff.mean()) if diff.numel() else 0.0
     if largest == 0:
         caption = "identical images: |A − B| = 0 at every pixel"
@@ -112,11 +150,36 @@ def difference_png(diff: torch.Tensor, scale: float | None = None) -> tuple[byte
 # ------------------------------------------------------------------------------------------ HTML fragments
 
 
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of PNG bytes (read from the header)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not PNG bytes")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def fit_scale(images, nrow: int | None = None, max_width: int = 320, max_scale: int = 8) -> int:
+    """The largest integer scale (1 .. ``max_scale``) at which the grid of ``images`` is at most ``max_width``
+    pixels wide: an integer factor keeps every image pixel a crisp square of the same size."""
+    n, w = len(images), int(images.shape[-1])
+    cols = min(nrow or max(1, math.ceil(math.sqrt(n))), n)
+    width = cols * (w + 1) + 1  # image_grid's 1-pixel padding
+    return int(max(1, min(max_scale, max_width // width)))
+
+
+PIXELATED = "image-rendering:pixelated"
+
+
+def img_tag(png: bytes) -> str:
+    """An ``<img>`` of PNG bytes at its own pixel size (no browser scaling, no smoothing)."""
+    width, height = png_size(png)
+    return (f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width='{width}' height='{height}' "
+            f"style='{PIXELATED};width:{width}px;height:{height}px;max-width:none'/>")
+
+
 def png_html(png: bytes, title: str = "") -> str:
-    """An inline ``<img>`` (with an optional heading) for a static representation."""
+    """An inline ``<img>`` (with an optional heading) for a static representation, at its own pixel size."""
     head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
-    return (f"<div style='display:inline-block;vertical-align:top;margin-right:1em'>{head}"
-            f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' style='image-rendering:pixelated'/></div>")
+    return f"<div style='display:inline-block;vertical-align:top;margin-right:1em'>{head}{img_tag(png)}</div>"
 
 
 def error_html(exc: BaseException, what: str = "This run failed") -> str:
@@ -153,14 +216,17 @@ def speed_quality_figure(df, x: str = "wall_s", y: str = "fd", color: str = "sam
     fig = go.Figure()
     has_ci = f"{y}_low" in df.columns and f"{y}_high" in df.columns
     label_cols = [c for c in ("sampler", "steps", "guidance", "mode", "seed", "nfe") if c in df.columns]
-    for key, g in df.groupby(color, sort=True, dropna=False):
+    for i, (key, g) in enumerate(df.groupby(color, sort=True, dropna=False)):
         g = g.sort_values(x)
+        style = series_style(i)
         error_y = None
         if has_ci:
             error_y = dict(type="data", symmetric=False, array=(g[f"{y}_high"] - g[y]).to_numpy(),
-                           arrayminus=(g[y] - g[f"{y}_low"]).to_numpy(), thickness=1)
+                           arrayminus=(g[y] - g[f"{y}_low"]).to_numpy(), thickness=1, width=3, color=style["color"])
         text = ["<br>".join(f"{c}={r[c]}" for c in label_cols) for _, r in g.iterrows()]
         fig.add_trace(go.Scatter(x=g[x].to_numpy(), y=g[y].to_numpy(), mode="lines+markers", name=str(key),
+                                 marker=dict(color=style["color"], symbol=style["symbol"], size=8),
+                                 line=dict(color=style["color"], dash=style["dash"]), opacity=0.9,
                                  error_y=error_y, text=text, hovertemplate=f"%{{text}}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra></extra>"))
     if pareto and len(df):
         front = pareto_front(df, x, y)
@@ -170,6 +236,52 @@ def speed_quality_figure(df, x: str = "wall_s", y: str = "fd", color: str = "sam
                       template="plotly_white", legend_title_text=color)
     if log_x:
         fig.update_xaxes(type="log")
+    # axes fitted to the data: no negative cost or distance around a single point (plotly's own range would pad it)
+    x_range = data_range(df[x], log=log_x)
+    y_range = data_range(_column_values(df, [y, f"{y}_low", f"{y}_high"]))
+    if x_range is not None:
+        fig.update_xaxes(range=x_range)
+    if y_range is not None:
+        fig.update_yaxes(range=y_range)
+    return fig
+
+
+def _column_values(df, cols) -> np.ndarray:
+    """The values of the ``cols`` of ``df`` that exist, as one float array."""
+    return np.concatenate([df[c].to_numpy(dtype=float) for c in cols if c in df.columns] or [np.zeros(0)])
+
+
+def order_figure(errors, title: str = "Error vs network evaluations on the exact score (log-log)"):
+    """Measured convergence: error against NFE per sampler (:func:`companion.orders.measure_orders`'s table), on
+    log-log axes, each sampler in its own colour and marker; a thin dotted line of the same colour runs through
+    its cheapest run with the slope of its nominal order. Where the markers fall away from their dotted line,
+    the sampler converges more slowly than designed. The legend sits beside the plot (it never scrolls)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    groups = list(errors.groupby("sampler", sort=False))
+    for i, (key, g) in enumerate(groups):
+        g = g.sort_values("nfe")
+        style = series_style(i)
+        p = NOMINAL[key][0]
+        measured = fit_order(g["steps"], g["error"])
+        name = f"{g['name'].iloc[0]}: order {measured:.1f} (nominal {p})"
+        fig.add_trace(go.Scatter(x=g["nfe"], y=g["error"], mode="lines+markers", name=name, legendgroup=key,
+                                 line=dict(color=style["color"], width=2),
+                                 marker=dict(color=style["color"], symbol=style["symbol"], size=9),
+                                 hovertemplate="NFE %{x}<br>error %{y:.3g}<extra>" + key + "</extra>"))
+        x0, y0 = float(g["nfe"].iloc[0]), float(g["error"].iloc[0])
+        xs = np.array([x0, float(g["nfe"].iloc[-1])])
+        fig.add_trace(go.Scatter(x=xs, y=y0 * (xs / x0) ** (-p), mode="lines", name=f"slope -{p} (nominal)",
+                                 legendgroup=key, showlegend=False,
+                                 line=dict(color=style["color"], dash="dot", width=1), opacity=0.7,
+                                 hovertemplate=f"nominal order {p}<extra>{key}</extra>"))
+    fig.update_xaxes(type="log", title="network evaluations per sample (NFE)")
+    fig.update_yaxes(type="log", exponentformat="power", title="error vs exact solution (RMS)")
+    fig.update_layout(title=dict(text=title, x=0, xanchor="left"), template="plotly_white",
+                      height=max(480, 90 + 26 * len(groups)), margin=dict(l=80, r=20, t=50, b=60),
+                      legend=dict(title_text="sampler (dotted: nominal slope)", x=1.02, xanchor="left", y=1,
+                                  yanchor="top", font=dict(size=12)))
     return fig
 
 

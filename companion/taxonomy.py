@@ -7,6 +7,8 @@ reading" where the placement is this companion's own reading, to be corrected in
 """
 from __future__ import annotations
 
+import textwrap
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -31,26 +33,45 @@ def load_taxonomy() -> pd.DataFrame:
     return df[COLUMNS]
 
 
-def sunburst(df: pd.DataFrame | None = None) -> go.Figure:
-    """Group -> lever -> method; hover shows year, arXiv id, family, chapter and whether the placement is the survey's."""
+# Short centre labels: the full names are in the hover text and the title.
+GROUP_LABELS = {"EDS": "EDS<br>design", "EPS": "EPS<br>process"}
+
+
+def _lines(text: str, width: int = 13) -> str:
+    """A label broken into lines of about ``width`` characters (a horizontal label fits a narrow wedge)."""
+    return "<br>".join(textwrap.wrap(text, width, break_long_words=False)) or text
+
+
+def sunburst(df: pd.DataFrame | None = None, height: int = 760) -> go.Figure:
+    """Group -> lever -> method; hover shows year, arXiv id, family, chapter and whether the placement is the survey's.
+
+    Labels are horizontal and at least 11 px (a label that does not fit its wedge at that size is hidden; hover
+    shows it); click a wedge to zoom into it."""
     df = load_taxonomy() if df is None else df
     ids, labels, parents, hover, colors = [], [], [], [], []
     palette = {"EDS": "#4C78A8", "EPS": "#F58518"}
+    lever_palette = {"EDS": "#9DB9D6", "EPS": "#F9BE85"}
     for g, gname in GROUPS.items():
-        ids.append(g), labels.append(f"{g}<br>{gname}"), parents.append(""), hover.append(gname), colors.append(palette[g])
+        ids.append(g), labels.append(GROUP_LABELS[g]), parents.append(""), hover.append(gname), colors.append(palette[g])
         for lever in sorted(df.loc[df.group == g, "lever"].unique()):
             lid = f"{g}/{lever}"
-            ids.append(lid), labels.append(lever), parents.append(g), hover.append(f"lever: {lever}"), colors.append(palette[g])
+            ids.append(lid), labels.append(_lines(lever)), parents.append(g), hover.append(f"{gname}<br>lever: {lever}")
+            colors.append(lever_palette[g])
             for _, r in df[(df.group == g) & (df.lever == lever)].iterrows():
                 mark = "" if r.placement == "survey" else " *"
-                ids.append(f"{lid}/{r.method}"), labels.append(r.method + mark), parents.append(lid)
+                ids.append(f"{lid}/{r.method}"), labels.append(_lines(r.method + mark, 12)), parents.append(lid)
                 hover.append(f"{r.method} ({r.year}), arXiv {r.arxiv}<br>family: {r.family}<br>chapter: {r.chapter}"
                              f"<br>placement: {r.placement}<br>{r.note}")
-                colors.append("#BBBBBB" if r.placement != "survey" else palette[g])
+                colors.append("#DDDDDD" if r.placement != "survey" else lever_palette[g])
     fig = go.Figure(go.Sunburst(ids=ids, labels=labels, parents=parents, hovertext=hover, hoverinfo="text",
-                                marker=dict(colors=colors), insidetextorientation="radial"))
-    fig.update_layout(height=560, margin=dict(l=0, r=0, t=30, b=0),
-                      title="Efficient diffusion: the survey's two groups (* = the companion's own placement, grey)")
+                                marker=dict(colors=colors, line=dict(color="white", width=1)),
+                                insidetextorientation="horizontal", textfont=dict(size=13, color="#111"),
+                                leaf=dict(opacity=1)))
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=60, b=10), uniformtext=dict(minsize=11, mode="hide"),
+                      title=dict(text="Efficient diffusion: the survey's two groups, their levers and methods<br>"
+                                      "<sup>EDS = efficient design strategies, EPS = efficient process strategies; "
+                                      "* grey = the companion's own placement; click a wedge to zoom</sup>",
+                                 x=0, xanchor="left"))
     return fig
 
 

@@ -6,37 +6,58 @@ Panels are composed from small parts so a chapter builds the one it needs in a l
     panel                      # shows the controls, the image grid, the run record and the curve
 
     ComparePanel(model, a=dict(sampler="ddim", steps=10), b=dict(sampler="dpmpp_2m", steps=10))
-    SweepView(model, ["ddim", "dpmpp_2m"], [5, 10, 20])   # a bench sweep whose curve grows as runs finish
+    SweepView(model, ["ddim", "dpmpp_2m"], [5, 10, 20]).show()  # a bench sweep whose curve grows as runs finish
     ForwardPanel(images)                                   # the forward process q(x_t | x_0) under a t slider
     PartialPanel(model, {"real": x, "prior": p}, labels)   # the reverse chain started part-way, from t0
 
 This module holds only panels and their parts: the control factories (:data:`CONTROL_FACTORIES`,
 :func:`make_controls`), :class:`SamplingSetup` (parameters -> ``sample`` call -> measured run),
-:class:`LatestOnlyRunner`, and the curve's marks (:func:`add_point` / :func:`move_mark` on a
-:func:`speed_quality_widget`). What a panel draws comes from elsewhere: image grids, PNGs and HTML fragments
-from :mod:`companion.plots`, the run record table from :mod:`companion.report`.
+:class:`LatestOnlyRunner`, :class:`BackgroundWork` (what a run measures after its images are shown), the
+panels' quality (:class:`ImageDistance`) and the curve (:class:`Curve`; :func:`add_point` / :func:`move_mark`
+on a :func:`speed_quality_widget`). What a panel draws comes from elsewhere: image grids, PNGs and HTML
+fragments from :mod:`companion.plots`, the run record table from :mod:`companion.report`.
 
 Design choices, and why:
 
-* Runs happen on one background worker thread (:class:`LatestOnlyRunner`) so the kernel stays responsive.
-  At most one run is in flight; a request made while one runs *replaces* any queued request, so a burst of
-  slider moves costs at most two runs and always ends on the last value.
+* A control change is served in two parts. The *foreground* part samples the images and shows them with the
+  run's record; it runs on one worker thread per panel (:class:`LatestOnlyRunner`), so the kernel stays
+  responsive. At most one foreground run is in flight; a request made while one runs *replaces* any queued
+  request, so a burst of slider moves costs at most two runs and always ends on the last value.
+* The *background* part — the quality value (which may need a reference solution: seconds) and further timed
+  runs of the same configuration — runs afterwards on one process-wide thread (:class:`BackgroundWork`), newest
+  run first, and adds the point to the curve when it is ready. It yields to foreground runs: before each of its
+  network calls it waits while any panel's foreground run is in flight (:class:`ForegroundGate`), so a slow
+  reference never holds up the next images, and it resumes where it stopped. References come from the shared
+  cache :data:`companion.reference.SOLUTIONS`, so panels that need the same one compute it once.
+* Timing is fair. The first run of a sampler at a batch shape is preceded by an untimed warm-up run (one-off
+  costs: library set-up, kernel selection, memory), and each configuration is timed ``repeats`` times (a
+  comparison: A and B interleaved), never while a foreground run is in flight (a disturbed repeat is
+  discarded); a panel shows the median and the range, and says what was timed.
+* The quality a panel shows is measured in one space for every point (:class:`ImageDistance`: images, after
+  decoding latent samples), so pixel and latent models share one axis.
+* Images are shown at their own pixel size (an integer scale chosen to fit, no smoothing), all grids of a
+  panel at the same size.
 * Images go to an ``ipywidgets.Image`` and the record to an ``HTML`` widget (not an ``Output`` widget:
   output capture from a worker thread is unreliable), the curve to a plotly ``FigureWidget``.
-* The first run happens synchronously when the panel is built, so a notebook executed headless (nbval,
-  nbconvert, the HTML report) already holds a result; each panel also carries a static HTML
-  representation (image grid + figure) for readers without a live widget front end.
+* The first run, with its background part, happens synchronously when the panel is built, so a notebook
+  executed headless (nbval, nbconvert, the HTML report) already holds a complete result and nothing of the
+  panel runs while later cells measure; each panel also carries a static HTML representation (image grid +
+  figure) for readers without a live widget front end. :meth:`_RunnerPanel.wait` waits for both parts.
 * Errors from a run are shown inside the panel in plain words; the panel keeps working.
 * A sweep (:class:`SweepView`) runs on its own thread through :func:`companion.bench.iter_sweep`; Stop takes
-  effect between runs, so every finished run is kept (and cached).
+  effect between runs, so every finished run is kept (and cached). :meth:`SweepView.show` displays the view
+  before waiting for it, so points appear as runs finish even while the notebook runs all its cells.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import html
+import statistics
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -50,9 +71,10 @@ from . import schedules as sch
 from .device import pick_device, release_cpu_threads
 from .models import load
 from .partial import sample_from
-from .plots import AXIS_LABELS, difference_png, error_html, figure_html, grid_png, png_html
-from .reference import ReferenceDistance
-from .report import ImageRow, record_table
+from .plots import (AXIS_LABELS, data_range, difference_png, error_html, figure_html, fit_scale, grid_png, png_html,
+                    png_size, series_style)
+from .reference import SOLUTIONS, ReferenceDistance, ReferenceSolutions
+from .report import ImageRow, mode_label, record_table, sweep_table, table_html, timing_text
 from .samplers import REGISTRY, SPACINGS
 from .samplers import get as get_sampler
 from .sampling import sample
@@ -178,7 +200,181 @@ def _weak(f: Callable) -> Callable[[], Callable | None]:
     return lambda: f
 
 
+# ------------------------------------------------------------------------------------------ background work
+
+
+class ForegroundGate:
+    """Counts the foreground runs in flight (a reader waits for their images); background work yields to them.
+
+    Background work calls :meth:`yield_now` before each network call (a forward pre-hook that :func:`yielding`
+    puts on a model's networks): while a foreground run is in flight it waits, so the run a reader waits for has
+    the CPUs to itself, and the background work resumes where it stopped. ``epoch`` counts foreground starts: a
+    background timing during which it changed was disturbed and is discarded.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self.epoch = 0
+        self.last_end = float("-inf")
+        self.yields = 0  # how often background work waited for a foreground run (tests read it)
+
+    @contextlib.contextmanager
+    def foreground(self):
+        with self._cond:
+            self._active += 1
+            self.epoch += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self.last_end = time.monotonic()
+                self._cond.notify_all()
+
+    @property
+    def active(self) -> bool:
+        return self._active > 0
+
+    def wait_clear(self, settle: float = 0.0) -> None:
+        """Block while a foreground run is in flight, and until ``settle`` seconds after the last one ended."""
+        with self._cond:
+            while True:
+                if self._active:
+                    self._cond.wait()
+                    continue
+                left = self.last_end + settle - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def yield_now(self) -> None:
+        """Called by background work between network calls: wait here while a foreground run is in flight."""
+        if self._active:
+            self.yields += 1
+            release_cpu_threads()  # this thread's idle OpenMP team would only slow the foreground run down
+            self.wait_clear()
+
+
+GATE = ForegroundGate()
+SETTLE_S = 0.2  # background timing starts this long after a foreground run ended (the browser draws its images)
+_THREAD_ROLE = threading.local()  # .background is True on BackgroundWork's thread
+
+
+def in_background() -> bool:
+    return bool(getattr(_THREAD_ROLE, "background", False))
+
+
+def _yield_hook(module, args):
+    if in_background():
+        GATE.yield_now()
+
+
+_YIELDING: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def yielding(model) -> None:
+    """Let ``model``'s network calls made by background work yield to foreground runs (a forward pre-hook on its
+    networks, which does nothing on other threads; weights, results and fingerprints are unchanged)."""
+    for name in ("unet", "vae"):
+        net = getattr(model, name, None)
+        if isinstance(net, torch.nn.Module) and net not in _YIELDING:
+            net.register_forward_pre_hook(_yield_hook)
+            _YIELDING.add(net)
+    base = getattr(model, "base", None)  # an accelerated model: its base decodes
+    if base is not None and base is not model:
+        yielding(base)
+
+
+class BackgroundWork:
+    """One process-wide thread for what panels measure after a run's images are shown: quality values (which
+    may need a reference solution), further timed runs. Jobs run newest first; a job of a panel that was closed or
+    collected is dropped. The thread ends after :data:`IDLE_EXIT_S` idle seconds and starts again on demand.
+
+    A job is ``fn(owner)``; the queue holds its owner weakly, so a queued job never keeps a panel alive.
+    """
+
+    IDLE_EXIT_S = 2.0
+
+    def __init__(self, name: str = "companion-background"):
+        self.name = name
+        self._cond = threading.Condition()
+        self._jobs: list[tuple[int, weakref.ref, Callable[[Any], None]]] = []
+        self._running: weakref.ref | None = None
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+        self.last_error: BaseException | None = None  # a job's own error handling failed (nothing else could show it)
+
+    def submit(self, owner, fn: Callable[[Any], None]) -> None:
+        with self._cond:
+            self._seq += 1
+            self._jobs.append((self._seq, weakref.ref(owner), fn))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True, name=self.name)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def cancel(self, owner) -> None:
+        """Drop ``owner``'s queued jobs (one already running finishes)."""
+        with self._cond:
+            self._jobs = [j for j in self._jobs if j[1]() is not None and j[1]() is not owner]
+            self._cond.notify_all()
+
+    def pending(self, owner) -> bool:
+        """Whether ``owner`` has a job queued or running."""
+        with self._cond:
+            return self._pending(owner)
+
+    def _pending(self, owner) -> bool:
+        running = self._running() if self._running is not None else None
+        return running is owner or any(j[1]() is owner for j in self._jobs)
+
+    def wait_idle(self, owner, timeout: float = 120.0) -> bool:
+        """Block until ``owner`` has no job queued or running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending(owner):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    def _loop(self) -> None:
+        _THREAD_ROLE.background = True
+        while True:
+            with self._cond:
+                self._jobs = [j for j in self._jobs if j[1]() is not None]
+                if not self._jobs:
+                    release_cpu_threads()
+                    self._cond.notify_all()
+                    self._cond.wait(self.IDLE_EXIT_S)
+                    self._jobs = [j for j in self._jobs if j[1]() is not None]
+                    if not self._jobs:
+                        self._thread = None
+                        self._cond.notify_all()
+                        return
+                    continue
+                newest = max(range(len(self._jobs)), key=lambda i: self._jobs[i][0])
+                _, ref, fn = self._jobs.pop(newest)
+                owner = ref()
+                self._running = ref
+            try:
+                if owner is not None:
+                    fn(owner)
+            except BaseException as e:  # noqa: BLE001 - a job shows its own errors; this is the last resort
+                self.last_error = e
+            finally:
+                del owner, fn
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+
+BACKGROUND = BackgroundWork()
+
 # ------------------------------------------------------------------------------------------ parts
+
 
 
 def sampler_control(value: str = "dpmpp_2m", names: Iterable[str] | None = None) -> w.Dropdown:
@@ -239,33 +435,49 @@ CONTROL_FACTORIES: dict[str, Callable[..., w.Widget]] = {
 }
 
 
+
+def x_axis_control(value: str = "wall_s") -> w.ToggleButtons:
+    """What the curve's x axis shows: network evaluations per sample, or measured wall time."""
+    return w.ToggleButtons(options=[("NFE", "nfe"), ("wall time", "wall_s")], value=value, description="curve x",
+                           tooltips=["network evaluations per sample", "wall time of one run (median of the timed runs)"],
+                           style={"button_width": "84px"})
+
+
 # ------------------------------------------------------------------------------------------ figure
 
 MARK_COLORS = {"current": "black", "A": "#b2182b", "B": "#2166ac"}
 MARK_TEXT_POSITIONS = {"A": "top left", "B": "top right"}  # A and B often sit close together: labels on either side
+X_TITLES = {"wall_s": "wall time per run (s)", "nfe": "NFE per sample"}
 
 
-def speed_quality_widget(x_title: str, y_title: str, marks: Iterable[str] = ("current",)) -> go.FigureWidget:
+def speed_quality_widget(x_title: str, y_title: str, marks: Iterable[str] = ("current",), *, width: int | None = None,
+                         height: int = 360) -> go.FigureWidget:
     """An empty speed/quality figure whose first traces are highlight marks, one per name in ``marks``.
 
-    The mark ``"current"`` is an unlabelled ring; any other mark (e.g. ``"A"``, ``"B"``) also shows its name.
+    The mark ``"current"`` is an unlabelled ring (the run shown beside the curve); any other mark (e.g. ``"A"``,
+    ``"B"``) also shows its name. Both axes start at 0 (costs and distances are never negative); the legend sits
+    below the plot. ``width``: fixed pixels (None: the container's).
     """
     fig = go.FigureWidget(layout=go.Layout(
-        height=320, margin=dict(l=60, r=10, t=30, b=50), xaxis_title=x_title, yaxis_title=y_title,
-        legend=dict(orientation="h", y=-0.25), template="plotly_white"))
+        height=height, width=width, autosize=width is None, margin=dict(l=72, r=16, t=16, b=56),
+        xaxis=dict(title=dict(text=x_title, standoff=8), rangemode="tozero", range=[0, 1], zeroline=True),
+        yaxis=dict(title=dict(text=y_title, standoff=8), rangemode="tozero", range=[0, 1], zeroline=True),
+        legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top", font=dict(size=12)),
+        font=dict(size=12), template="plotly_white"))
     for name in marks:
         ring = dict(size=18, symbol="circle-open", line=dict(width=3), color=MARK_COLORS.get(name, "black"))
         if name == "current":
-            fig.add_scatter(x=[], y=[], mode="markers", name=name, marker=ring, hoverinfo="skip")
+            fig.add_scatter(x=[], y=[], mode="markers", name=name, marker=ring, hoverinfo="skip", showlegend=False)
         else:
             fig.add_scatter(x=[], y=[], text=[], mode="markers+text", name=name, marker=ring, hoverinfo="skip",
-                            textposition=MARK_TEXT_POSITIONS.get(name, "top center"), textfont=dict(size=16, color=ring["color"]))
+                            showlegend=False, textposition=MARK_TEXT_POSITIONS.get(name, "top center"),
+                            textfont=dict(size=16, color=ring["color"]))
     return fig
 
 
 def move_mark(fig: go.FigureWidget, mark: str, x: float | None, y: float | None) -> None:
     """Move the highlight trace named ``mark`` to (x, y); ``None`` hides it (a run without a quality value)."""
-    trace = next((t for t in fig.data if t.name == mark), None)
+    trace = next((t for t in fig.data if t.name == mark and not t.hovertemplate), None)
     if trace is None:
         raise ValueError(f"the figure has no mark {mark!r}; marks: {[t.name for t in fig.data if not t.hovertemplate]}")
     shown = x is not None and y is not None
@@ -274,28 +486,67 @@ def move_mark(fig: go.FigureWidget, mark: str, x: float | None, y: float | None)
         trace.text = (mark,) if shown else ()
 
 
+def _rgba(color: str, alpha: float) -> str:
+    color = color.lstrip("#")
+    r, g, b = (int(color[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def fit_axes(fig: go.BaseFigure, *, errors: bool = False) -> None:
+    """Fit both axes to the points of the figure's series (marks included): from 0 to a little above the
+    largest value on linear axes (never a negative cost or distance), the data's decades on log axes.
+    ``errors``: let the error bars widen the range too (off: a wide interval does not squash the points)."""
+    xs, ys = [], []
+    for t in fig.data:
+        if not t.x:
+            continue
+        x, y = np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)
+        xs.append(x)
+        ys.append(y)
+        if errors and t.hovertemplate:
+            for arr, vals, out in ((t.error_x, x, xs), (t.error_y, y, ys)):
+                if arr is not None and arr.array is not None and len(arr.array) == len(vals):
+                    out.append(vals + np.asarray(arr.array, dtype=float))
+    for axis, vals in ((fig.layout.xaxis, xs), (fig.layout.yaxis, ys)):
+        rng = data_range(np.concatenate(vals) if vals else [], log=axis.type == "log")
+        if rng is not None:
+            axis.range = rng
+        elif axis.type != "log":
+            axis.range = [0, 1]
+
+
 def add_point(fig: go.FigureWidget, series: str, x: float, y: float, text: str, *, mark: str | None = "current",
               error: tuple[float, float] | None = None) -> None:
-    """Append a point to the trace named ``series`` (created on first use) and move the highlight ``mark`` there.
+    """Add a point to the trace named ``series`` (created on first use, with its own colour and marker), keep the
+    trace sorted by x (its line never zig-zags back), move the highlight ``mark`` there and fit the axes.
 
-    ``error``: the point's interval (low, high), drawn as an error bar.
+    ``error``: the point's interval (low, high), drawn as a thin, light error bar (it must not hide the points).
     """
     with fig.batch_update():
-        trace = next((t for t in fig.data if t.name == series), None)
+        trace = next((t for t in fig.data if t.name == series and t.hovertemplate), None)
         plus, minus = (error[1] - y, y - error[0]) if error is not None else (None, None)
         if trace is None:
-            err = None if error is None else dict(type="data", symmetric=False, array=[plus], arrayminus=[minus], thickness=1)
+            style = series_style(sum(1 for t in fig.data if t.hovertemplate))
+            err = None if error is None else dict(type="data", symmetric=False, array=[plus], arrayminus=[minus],
+                                                  thickness=1, width=3, color=_rgba(style["color"], 0.35))
             fig.add_scatter(x=[x], y=[y], text=[text], mode="markers+lines", name=series, error_y=err,
+                            marker=dict(color=style["color"], symbol=style["symbol"], size=9),
+                            line=dict(color=style["color"], dash=style["dash"], width=2),
                             hovertemplate="%{text}<extra></extra>")
         else:
-            trace.x = tuple(trace.x) + (x,)
-            trace.y = tuple(trace.y) + (y,)
-            trace.text = tuple(trace.text or ()) + (text,)
-            if error is not None:
-                trace.error_y.array = tuple(trace.error_y.array or ()) + (plus,)
-                trace.error_y.arrayminus = tuple(trace.error_y.arrayminus or ()) + (minus,)
+            n = len(trace.x)
+            cols = [tuple(trace.x) + (x,), tuple(trace.y) + (y,), tuple(trace.text or ("",) * n) + (text,)]
+            has_err = error is not None and trace.error_y.array is not None
+            if has_err:
+                cols += [tuple(trace.error_y.array) + (plus,), tuple(trace.error_y.arrayminus) + (minus,)]
+            order = sorted(range(n + 1), key=lambda i: cols[0][i])
+            cols = [tuple(c[i] for i in order) for c in cols]
+            trace.x, trace.y, trace.text = cols[:3]
+            if has_err:
+                trace.error_y.array, trace.error_y.arrayminus = cols[3:]
         if mark is not None:
             move_mark(fig, mark, x, y)
+    fit_axes(fig)  # after the batch: inside it the traces still read their old values
 
 
 def series_points(fig: go.FigureWidget) -> int:
@@ -303,15 +554,94 @@ def series_points(fig: go.FigureWidget) -> int:
     return sum(len(t.x) for t in fig.data if t.hovertemplate)
 
 
+
+# ------------------------------------------------------------------------------------------ quality
+
+
+class ImageDistance:
+    """A panel's quality: RMS distance, in image space, between a run's images and the images of a converged
+    solution of the probability-flow ODE from the same initial noise (lower is better).
+
+    The converged solution is a ``reference_steps``-step run of ``reference_sampler``
+    (:func:`companion.reference.converged_sample`) of the model itself — its base model when the run used speed
+    options, so every speed option is measured against the same fp32 solution — or of ``teacher`` when one is
+    given (a distilled student aims at its teacher's solution). Latent samples are decoded first, so pixel and
+    latent models are measured in the same space and share one axis; both sides are clamped to [-1, 1], as the
+    images are shown. Without a teacher, stochastic samplers (which do not follow the ODE) get no value.
+    References come from the shared cache (:data:`companion.reference.SOLUTIONS`).
+    """
+
+    def __init__(self, teacher=None, reference_sampler: str = "unipc", reference_steps: int = 200,
+                 cache: ReferenceSolutions | None = None):
+        self.teacher, self.reference_sampler, self.reference_steps = teacher, reference_sampler, int(reference_steps)
+        self.cache = cache if cache is not None else SOLUTIONS
+        name = get_sampler(reference_sampler).name.split(" (")[0]
+        whose = "the teacher's " if teacher is not None else "a "
+        self.label = f"RMS distance to {whose}converged solution, image space (lower is better)"
+        self.short_label = "distance to teacher (RMS)" if teacher is not None else "distance to converged (RMS)"
+        self.description = (f"RMS distance, in image space, between a run's images and {whose}converged solution of "
+                            f"the probability-flow ODE from the same initial noise ({self.reference_steps} {name} steps); "
+                            "latent samples are decoded first, so every point is measured in the same space. "
+                            "Lower is better" + ("" if teacher is not None else
+                                                 "; stochastic samplers do not follow the ODE and get no value"))
+        self._decoded: "OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+    @classmethod
+    def like(cls, distance: ReferenceDistance) -> "ImageDistance":
+        """The image-space version of a :class:`companion.reference.ReferenceDistance` (same teacher, reference)."""
+        return cls(distance.teacher, distance.reference_sampler, distance.reference_steps, distance.cache)
+
+    def reference_images(self, model, result, cond=None) -> torch.Tensor:
+        """The converged solution's images from ``result``'s initial noise (decoded for a latent model)."""
+        target = self.teacher if self.teacher is not None else getattr(model, "base", model)
+        yielding(target)
+        ref = self.cache.get(target, result.x_T, method="sampler", sampler=self.reference_sampler,
+                             steps=self.reference_steps, class_labels=result.class_labels,
+                             guidance=result.record.guidance, cond=cond)
+        if not getattr(target, "is_latent", False):
+            return ref
+        hit = self._decoded.get(id(ref))
+        if hit is not None and hit[0] is ref:
+            return hit[1]
+        with torch.no_grad():
+            images = target.decode(ref.to(getattr(target, "device", "cpu"))).float().cpu()
+        self._decoded[id(ref)] = (ref, images)
+        while len(self._decoded) > 16:
+            self._decoded.popitem(last=False)
+        return images
+
+    def __call__(self, model, result, sample_kwargs: dict | None = None) -> float | None:
+        if self.teacher is None and result.record.stochastic:
+            return None
+        ref = self.reference_images(model, result, (sample_kwargs or {}).get("cond"))
+        a = result.images.detach().float().cpu().clamp(-1, 1)
+        return float((a - ref.float().clamp(-1, 1)).pow(2).mean().sqrt())
+
+
 # ------------------------------------------------------------------------------------------ panel
 
 
-@dataclass
+@dataclass(eq=False)
 class PanelRun:
+    """One configuration a panel ran: its parameters, its result (the images shown) and what was measured.
+
+    ``times``: wall time (s) of every timed run of this configuration (the first is the run whose images are
+    shown; the others were timed in the background); ``wall_s`` is their median. ``quality``: the panel's quality
+    value (None: not measured yet, failed, or the sampler has none). ``measured``: the background part is done.
+    """
+
     params: dict
     result: Any
-    quality: float | None
-    wall_s: float
+    quality: float | None = None
+    times: list = field(default_factory=list)
+    measured: bool = False
+    quality_done: bool = False
+    quality_error: str | None = None
+    timeline: dict = field(default_factory=dict)  # epoch seconds: requested, started, sampled, shown, measured
+
+    @property
+    def wall_s(self) -> float:
+        return float(statistics.median(self.times)) if self.times else float("nan")
 
 
 class _Quiet:
@@ -351,22 +681,52 @@ def make_controls(names: Iterable[str], values: dict, models: Mapping[str, Any],
     return controls
 
 
+def _params_key(p: Mapping) -> tuple:
+    """A comparable key for a parameter dict (tensors, e.g. conditioning images, by identity)."""
+    return tuple(sorted((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in p.items()))
+
+
+SETTING_NAMES = {"guidance": "w", "class": "class", "seed": "seed", "eta": "eta", "spacing": "spacing", "speed": "speed",
+                 "batch": "batch"}
+
+
 class SamplingSetup:
     """Turns a panel's parameter dict into a ``sample`` call and a measured :class:`PanelRun`.
 
     Shared by every panel: the models (one, or several chosen by a ``mode`` parameter), one accelerated copy
-    per speed label, the quality measure and the curve's x axis (``"wall_s"`` or ``"nfe"``).
+    per speed label, the warm-up before a configuration's first timed run, further timed runs, the quality
+    measure and where a run sits on the curve (x: ``"wall_s"`` or ``"nfe"``, changeable).
     """
+
+    WARMUP_STEPS = 3  # an untimed run this long precedes the first timed run of a sampler at a batch shape
 
     def __init__(self, models, quality: Callable | None = None, quality_label: str | None = None, x: str = "wall_s"):
         self.models = dict(models) if isinstance(models, Mapping) else {"model": models}
-        if x not in ("wall_s", "nfe"):
-            raise ValueError(f"x={x!r} is not valid; choose 'wall_s' or 'nfe'")
         self.x = x
-        self.x_title = "wall time (s)" if x == "wall_s" else "NFE per sample"
-        self.quality = quality if quality is not None else ReferenceDistance()
-        self.quality_label = quality_label or getattr(self.quality, "label", "quality")
+        q = quality if quality is not None else ImageDistance()
+        if isinstance(q, ReferenceDistance):  # measured in image space like every other point of a panel
+            q = ImageDistance.like(q)
+        self.quality = q
+        self.quality_label = quality_label or getattr(q, "label", "quality")
+        self.quality_short = quality_label or getattr(q, "short_label", None) or self.quality_label
+        self.quality_description = getattr(q, "description", None) or self.quality_label
         self._speed_cache: dict = {}
+        self._warm: set = set()
+        self.warmups = 0  # untimed warm-up runs made (tests read it)
+
+    @property
+    def x(self) -> str:
+        return self._x
+
+    @x.setter
+    def x(self, value: str) -> None:
+        if value not in ("wall_s", "nfe"):
+            raise ValueError(f"x={value!r} is not valid; choose 'wall_s' or 'nfe'")
+        self._x = value
+
+    @property
+    def x_title(self) -> str:
+        return X_TITLES[self.x]
 
     def model(self, p: Mapping) -> Any:
         return self.models[p.get("mode", next(iter(self.models)))]
@@ -398,25 +758,87 @@ class SamplingSetup:
             self._speed_cache[key] = accelerate(model, SpeedOptions.from_label(label))
         return self._speed_cache[key]
 
-    def run(self, p: dict) -> PanelRun:
-        model, kw = self.sample_kwargs(p)
-        t0 = time.perf_counter()
-        res = sample(model, **kw)
-        q = self.quality(model, res, kw) if isinstance(self.quality, ReferenceDistance) else self.quality(model, res)
-        return PanelRun(p, res, q, time.perf_counter() - t0)
+    def warm_up(self, model, kw: dict) -> bool:
+        """An untimed short run before the first timed run of this sampler, model and batch shape (library set-up,
+        kernel selection and memory are paid here, not by the timing a reader compares). True if it ran."""
+        key = (id(model), kw.get("sampler"), kw.get("spacing"), kw["batch"], kw.get("guidance") is not None,
+               None if kw.get("cond") is None else tuple(kw["cond"].shape))
+        if key in self._warm:
+            return False
+        for steps in (min(kw.get("steps", 20), self.WARMUP_STEPS), kw.get("steps", 20)):
+            try:
+                sample(model, **{**kw, "steps": steps})
+            except Exception:  # noqa: BLE001 - a configuration that cannot run fails in the timed run, in plain words
+                continue
+            self._warm.add(key)
+            self.warmups += 1
+            return True
+        return False
 
-    def point(self, run: PanelRun) -> tuple[float, float] | None:
-        """Where a run sits on the curve: (x, quality), or None when it has no quality value."""
+    def run(self, p: dict) -> PanelRun:
+        """The foreground part: warm up if needed, then one timed run whose images the panel shows."""
+        model, kw = self.sample_kwargs(p)
+        self.warm_up(model, kw)
+        res = sample(model, **kw)
+        return PanelRun(p, res, times=[res.record.wall_s])
+
+    def time_again(self, run: PanelRun) -> float | None:
+        """Wall time (s) of one more run of ``run``'s configuration (the same call; its result is dropped), taken
+        while no foreground run is in flight. None when foreground runs disturbed it three times."""
+        model, kw = self.sample_kwargs(run.params)
+        yielding(model)
+        for _ in range(3):
+            GATE.wait_clear(settle=SETTLE_S if in_background() else 0.0)
+            epoch = GATE.epoch
+            wall = sample(model, **kw).record.wall_s
+            if GATE.epoch == epoch:
+                return wall
+        return None
+
+    def measure_quality(self, run: PanelRun) -> None:
+        """Set ``run.quality`` (once); a failure is kept in ``run.quality_error`` and raised."""
+        if run.quality_done:
+            return
+        model, kw = self.sample_kwargs(run.params)
+        try:
+            if isinstance(self.quality, ImageDistance):
+                run.quality = self.quality(model, run.result, kw)
+            else:
+                run.quality = self.quality(model, run.result)
+        except Exception as e:
+            run.quality_error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            run.quality_done = True
+
+    def point(self, run: PanelRun, x: str | None = None) -> tuple[float, float, tuple[float, float] | None] | None:
+        """Where a run sits on the curve: (x, quality, x interval or None), or None without a quality value."""
         if run.quality is None:
             return None
+        x = x or self.x
         rec = run.result.record
-        return (rec.wall_s if self.x == "wall_s" else rec.nfe), run.quality
+        if x == "nfe":
+            return float(rec.nfe), run.quality, None
+        spread = (min(run.times), max(run.times)) if len(run.times) > 1 else None
+        return run.wall_s, run.quality, spread
 
-    def series(self, run: PanelRun) -> tuple[str, str]:
-        """The curve a run belongs to (one per sampler, and per model when there are several) and its hover text."""
+    def series(self, run: PanelRun) -> str:
+        """The curve a run belongs to: one per sampler, and per model when there are several."""
         rec = run.result.record
-        name = REGISTRY[rec.sampler].name + (f" [{run.params['mode']}]" if "mode" in run.params else "")
-        return name, f"{name}<br>steps {rec.steps}, NFE {rec.nfe}<br>{rec.wall_s * 1000:.0f} ms"
+        return REGISTRY[rec.sampler].name + (f" [{run.params['mode']}]" if "mode" in run.params else "")
+
+    def settings(self, run: PanelRun) -> str:
+        """The run's other settings in a few words (for hover texts)."""
+        p = run.params
+        parts = [f"{SETTING_NAMES[k]} {'every' if k == 'class' and p[k] in (-1, None) else p[k]}"
+                 for k in SETTING_NAMES if k in p and not (k == "guidance" and p[k] is None)]
+        return ", ".join(parts)
+
+    def hover(self, run: PanelRun) -> str:
+        rec = run.result.record
+        q = "n/a" if run.quality is None else f"{run.quality:.4f}"
+        return (f"{self.series(run)}<br>steps {rec.steps}, NFE {rec.nfe}<br>{self.settings(run)}"
+                f"<br>wall {timing_text(run.times)}<br>{html.escape(self.quality_short)}: {q}")
 
     def sync_enabled(self, controls: Mapping[str, w.Widget], p: Mapping, quiet: _Quiet) -> None:
         """Disable controls the current sampler/model cannot use (e.g. eta for a sampler without it)."""
@@ -435,6 +857,104 @@ class SamplingSetup:
         for name in ("guidance", "class"):
             if name in controls:
                 controls[name].disabled = not model.conditional
+
+
+class Curve:
+    """A sampling panel's speed/quality figure, drawn from its runs.
+
+    One line per sampler (and model) and fixed other settings — a steps sweep — with its points sorted by x, so a
+    line never zig-zags back; each sampler has its own colour and marker (further settings of the same sampler:
+    other dash styles). x is NFE or the median wall time (with the range of the timed runs as a bar), switchable;
+    both axes start at 0 and fit the data.
+    """
+
+    def __init__(self, setup: SamplingSetup, marks: Iterable[str] = ("current",), *, width: int | None = 580,
+                 height: int = 360):
+        self.setup = setup
+        self.figure = speed_quality_widget(setup.x_title, setup.quality_short, marks, width=width, height=height)
+        self._traces: dict[tuple, int] = {}
+        self._series: dict[str, dict] = {}
+        self._configs: dict[str, list] = {}
+
+    def _trace_for(self, series: str, config: tuple) -> go.Scatter:
+        key = (series, config)
+        if key not in self._traces:
+            style = self._series.setdefault(series, series_style(len(self._series)))
+            configs = self._configs.setdefault(series, [])
+            configs.append(config)
+            dash = ("solid", "dot", "dash", "dashdot", "longdash")[(len(configs) - 1) % 5]
+            self.figure.add_scatter(x=[], y=[], text=[], mode="markers+lines", name=series, legendgroup=series,
+                                    showlegend=len(configs) == 1,
+                                    marker=dict(color=style["color"], symbol=style["symbol"], size=9),
+                                    line=dict(color=style["color"], dash=dash, width=2),
+                                    hovertemplate="%{text}<extra></extra>")
+            self._traces[key] = len(self.figure.data) - 1
+        return self.figure.data[self._traces[key]]
+
+    def draw(self, runs: Iterable[PanelRun], marks: Mapping[str, PanelRun | None]) -> None:
+        """Redraw every line from ``runs`` (those with a quality value) and put each mark on its run (None: hidden).
+
+        Runs of the same configuration (a reader went back to it) are one point: their timings are pooled."""
+        same: dict[tuple, PanelRun] = {}
+        for run in runs:
+            if run.quality is None:
+                continue
+            key = _params_key(run.params)
+            if key in same:  # pooled: every timing of this configuration, the latest images and quality
+                pooled = same.pop(key)
+                run = PanelRun(run.params, run.result, run.quality, pooled.times + run.times, True, True)
+            same[key] = run
+        merged = {id(r): r for r in same.values()}
+        for name, run in marks.items():  # a mark sits on its configuration's pooled point
+            if run is not None:
+                marks = {**marks, name: same.get(_params_key(run.params), run)}
+        groups: dict[tuple, list] = {}
+        for run in merged.values():
+            point = self.setup.point(run)
+            config = _params_key({k: v for k, v in run.params.items() if k != "steps"})
+            groups.setdefault((self.setup.series(run), config), []).append((point, run))
+        with self.figure.batch_update():
+            self.figure.layout.xaxis.title.text = self.setup.x_title
+            for (series, config), pts in groups.items():
+                pts.sort(key=lambda pr: pr[0][0])
+                trace = self._trace_for(series, config)
+                trace.x = tuple(p[0] for p, _ in pts)
+                trace.y = tuple(p[1] for p, _ in pts)
+                trace.text = tuple(self.setup.hover(r) for _, r in pts)
+                if any(p[2] is not None for p, _ in pts):
+                    trace.error_x = dict(type="data", symmetric=False, thickness=1, width=3,
+                                         array=[(p[2][1] - p[0]) if p[2] else 0 for p, _ in pts],
+                                         arrayminus=[(p[0] - p[2][0]) if p[2] else 0 for p, _ in pts],
+                                         color=_rgba(trace.line.color, 0.5))
+                else:
+                    trace.error_x = dict(array=None, arrayminus=None, visible=False)
+            for key, i in self._traces.items():
+                if key not in groups:
+                    self.figure.data[i].x, self.figure.data[i].y, self.figure.data[i].text = (), (), ()
+            for name, run in marks.items():
+                point = self.setup.point(run) if run is not None else None
+                move_mark(self.figure, name, *(point[:2] if point else (None, None)))
+        fit_axes(self.figure, errors=True)  # after the batch: inside it the traces still read their old values
+
+
+PIXELATED_STYLE = "<style>.companion-pixelated{image-rendering:pixelated;flex:0 0 auto;max-width:none !important}</style>"
+MEASURING = "<i>images shown; measuring quality and timing in the background…</i>"
+
+
+def _image_widget() -> w.Image:
+    """An image widget shown at its PNG's own pixel size, without smoothing (see :func:`_show_png`)."""
+    image = w.Image(format="png", layout=w.Layout(flex="0 0 auto"))
+    image.add_class("companion-pixelated")
+    return image
+
+
+def _show_png(widget: w.Image, png: bytes) -> None:
+    width, height = png_size(png)
+    with widget.hold_sync():
+        widget.value = png
+        widget.width, widget.height = str(width), str(height)
+    if widget.layout.width != f"{width}px" or widget.layout.height != f"{height}px":
+        widget.layout.width, widget.layout.height = f"{width}px", f"{height}px"
 
 
 class _Panel(abc.ABC):
@@ -459,20 +979,34 @@ HISTORY_MAX = 500  # runs a panel remembers: enough for any curve a reader build
 class _RunnerPanel(_Panel):
     """What every sampling panel shares (:class:`SamplerPanel`, :class:`ComparePanel`): the
     :class:`SamplingSetup`, the status and error lines, the run history, a :class:`LatestOnlyRunner` fed by the
-    controls, errors shown in plain words, and run now / wait / count runs.
+    controls (the foreground part: images), :data:`BACKGROUND` work after each run (quality, timing repeats),
+    errors shown in plain words, and run now / wait / count runs.
 
     A panel calls ``_watch(controls)`` once its controls exist, and defines ``_request()`` (its current
-    parameters), ``_compute(request)`` (on the worker thread), ``_draw(out)`` (put a finished run on screen)
-    and ``_sync_enabled()``.
+    parameters), ``_foreground(request)`` (on the worker thread), ``_draw(out)`` (put a run's images on screen),
+    ``_measure(out)`` (background: quality and timing), ``_measured(out)`` (put what was measured on screen) and
+    ``_sync_enabled()``.
     """
 
-    def __init__(self, models, quality: Callable | None, quality_label: str | None, x: str):
+    COMPACT_RECORD = False  # a panel with narrow record columns sets it (short labels, values may wrap)
+
+    def __init__(self, models, quality: Callable | None, quality_label: str | None, x: str, repeats: int = 3):
+        if not (isinstance(repeats, int) and repeats >= 1):
+            raise ValueError(f"repeats={repeats!r} is not valid; give the number of timed runs per configuration (>= 1)")
         self.setup = SamplingSetup(models, quality, quality_label, x)
+        self.repeats = repeats
         self.error = w.HTML()
-        self.status = w.HTML()
+        self.status = w.HTML(layout=w.Layout(min_height="1.6em"))  # a fixed line: a note never moves the page
+        self.status.add_class("companion-status")
         self.history: list = []
         self._quiet = _Quiet()
+        self._requested_at: float | None = None  # when the last control change arrived (epoch seconds)
+        self._lock = threading.RLock()  # the worker (images) and the background thread (measurements) both draw
         self._runner = LatestOnlyRunner(self._compute, self._show, self._show_error)
+
+    @property
+    def x(self) -> str:
+        return self.setup.x
 
     def _watch(self, controls: Iterable[w.Widget]) -> None:
         """Start a run whenever one of ``controls`` changes (not while the panel changes them itself)."""
@@ -483,31 +1017,70 @@ class _RunnerPanel(_Panel):
     def _on_change(self, change) -> None:
         if self._quiet.on:
             return
+        self._requested_at = time.time()
         self._sync_enabled()
         self.status.value = "<i>running…</i>"
         self._runner.request(self._request())
 
+    def _compute(self, req):
+        started = time.time()
+        with GATE.foreground():  # background work pauses at its next network call until this is done
+            out = self._foreground(req)
+        out.timeline.update(requested=self._requested_at, started=started, sampled=time.time())
+        return out
+
     def _show(self, req, out) -> None:
-        """A run finished: keep it (the last :data:`HISTORY_MAX`), draw it, clear the running note and any error."""
-        self.history.append(out)
-        del self.history[:-HISTORY_MAX]
-        self._draw(out)
-        self.error.value = ""
-        self.status.value = ""
+        """A run's images are ready: keep it (the last :data:`HISTORY_MAX`), draw it, queue its measurements."""
+        with self._lock:
+            self.history.append(out)
+            del self.history[:-HISTORY_MAX]
+            self._draw(out)
+            self.error.value = ""
+            self.status.value = MEASURING
+        out.timeline["shown"] = time.time()
+        BACKGROUND.submit(self, lambda panel: panel._follow_up(out))
+
+    def _follow_up(self, out) -> None:
+        """The background part of a run: measure, then show what was measured (and any failure) in the panel."""
+        failure = None
+        try:
+            self._measure(out)
+        except Exception as e:  # shown in the panel; the images stay
+            failure = e
+        out.timeline["measured"] = time.time()
+        with self._lock:
+            self._measured(out)
+            if self._is_current(out):
+                if failure is not None:
+                    self.error.value = error_html(failure, "Measuring this run failed")
+                self.status.value = ""
+
+    def _is_current(self, out) -> bool:
+        return bool(self.history) and self.history[-1] is out
 
     def _show_error(self, req, exc: BaseException) -> None:
         self.status.value = ""
         self.error.value = error_html(exc)
 
+    def set_x(self, x: str) -> None:
+        """Show NFE (``"nfe"``) or wall time (``"wall_s"``) on the curve's x axis."""
+        with self._lock:
+            self.setup.x = x
+            if self.x_control.value != x:
+                self.x_control.value = x
+            self._redraw()
+
     def close(self) -> None:
-        """End the panel's worker thread and close its widgets (the panel stops responding)."""
+        """End the panel's worker thread, drop its queued measurements and close its widgets (it stops responding)."""
         self._runner.close()
+        BACKGROUND.cancel(self)
         widget = getattr(self, "widget", None)
         if widget is not None:
             _close_tree(widget)
 
     def run(self):
-        """Run the current configuration now, on the calling thread (used when the panel is built)."""
+        """Run the current configuration now, on the calling thread, and wait for its measurements (used when the
+        panel is built: a notebook executed headless holds the complete first result)."""
         req = self._request()
         try:
             out = self._compute(req)
@@ -515,15 +1088,68 @@ class _RunnerPanel(_Panel):
             self._show_error(req, e)
             return None
         self._show(req, out)
+        release_cpu_threads()  # the measurements run on the background thread; this one waits
+        BACKGROUND.wait_idle(self, timeout=3600)
         return out
 
     def wait(self, timeout: float = 120.0) -> bool:
-        """Block until queued runs are done (for scripts and tests)."""
-        return self._runner.wait_idle(timeout)
+        """Block until queued runs and their background measurements are done (for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._runner.wait_idle(max(0.0, deadline - time.monotonic())):
+                return False
+            if not BACKGROUND.wait_idle(self, max(0.0, deadline - time.monotonic())):
+                return False
+            if not self._runner.busy and not BACKGROUND.pending(self):
+                return True
+
+    def wait_idle(self, timeout: float = 120.0) -> bool:
+        """The same as :meth:`wait`: nothing running or queued, in the foreground or the background."""
+        return self.wait(timeout)
 
     @property
     def runs(self) -> int:
         return self._runner.runs
+
+    def _record_html(self, run: PanelRun) -> str:
+        missing = self.repeats - len(run.times)
+        note = f"(timing {missing} more run{'s' if missing > 1 else ''}…)" if not run.measured and missing > 0 else ""
+        if run.quality_error is not None:
+            quality_note = "failed (see the message above)"
+        elif not run.quality_done:
+            quality_note = "measuring… (in the background)"
+        else:
+            quality_note = None
+        return record_table(run.result.record, run.quality, self.setup.quality_short, times=run.times,
+                            timing_note=note, quality_note=quality_note, compact=self.COMPACT_RECORD)
+
+    def _time_repeats(self, runs: Sequence[PanelRun]) -> None:
+        """Time ``runs`` again, interleaved (A, B, A, B, …), until each has :attr:`repeats` timings or has
+        been timed ``repeats - 1`` more times in this call."""
+        for _ in range(self.repeats - 1):
+            due = [r for r in runs if len(r.times) < self.repeats or len(runs) > 1]
+            if not due:
+                return
+            for r in due:
+                wall = self.setup.time_again(r)
+                if wall is not None:
+                    r.times.append(wall)
+            with self._lock:
+                self._timing_progress()
+
+    def _timing_progress(self) -> None:
+        """Show timings as they arrive (a panel may override)."""
+
+    def _caption(self, compare: bool = False) -> str:
+        timed = ("A and B are timed interleaved (A, B, A, B, …)" if compare else "Each configuration is timed")
+        return ("<div style='font-size:0.85em;line-height:1.35;color:#333'>"
+                f"<b>y</b>: {html.escape(self.setup.quality_description)}.<br>"
+                "<b>x</b>: network evaluations per sample (NFE), or the wall time of one <code>sample()</code> call for "
+                "the whole batch (noise, solver loop, network, decoding) on this machine. "
+                f"{timed} {self.repeats}× after an untimed warm-up run of each sampler and batch shape, never while "
+                "another panel run is in flight: median, bar = range. Quality and the repeat timings are measured in "
+                "the background after the images appear."
+                + ("" if compare else " Ring: the run shown above.") + "</div>")
 
 
 class SamplerPanel(_RunnerPanel):
@@ -532,25 +1158,39 @@ class SamplerPanel(_RunnerPanel):
     ``models``: a model, or a mapping label -> model (e.g. ``{"pixel": ..., "latent": ...}``; a toggle appears).
     ``controls``: which parts to show, from ``sampler, steps, guidance, eta, spacing, seed, batch, class``.
     ``defaults``: initial values, e.g. ``{"sampler": "ddim", "steps": 10}``.
-    ``x``: ``"wall_s"`` or ``"nfe"`` for the curve's x axis. ``quality``: callable (model, result) -> float | None.
+    ``x``: ``"wall_s"`` or ``"nfe"``: the curve's x axis at first (a toggle switches it).
+    ``quality``: callable (model, result) -> float | None (default: :class:`ImageDistance`).
+    ``repeats``: timed runs per configuration (the median is shown, with the range).
     """
 
+    IMAGE_WIDTH = 380  # the image grid is scaled by the largest integer factor that keeps it this narrow
+
     def __init__(self, models, controls: Iterable[str] = ("sampler", "steps", "seed"), defaults: Mapping[str, Any] | None = None,
-                 *, x: str = "wall_s", quality: Callable | None = None, quality_label: str | None = None, run: bool = True):
-        super().__init__(models, quality, quality_label, x)
-        self.models, self.x = self.setup.models, x
+                 *, x: str = "wall_s", quality: Callable | None = None, quality_label: str | None = None, repeats: int = 3,
+                 run: bool = True):
+        super().__init__(models, quality, quality_label, x, repeats)
+        self.models = self.setup.models
         self.quality, self.quality_label = self.setup.quality, self.setup.quality_label
         defaults = dict(defaults or {})
         self.controls = make_controls(controls, defaults, self.models)
         self.fixed = defaults  # values without a control (e.g. batch=16 when no batch slider)
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.image = _image_widget()
+        self.image_scale: int | None = None
         self.record = w.HTML()
-        self.figure = speed_quality_widget(self.setup.x_title, self.quality_label)
+        self.curve = Curve(self.setup, width=560)
+        self.figure = self.curve.figure
+        self.x_control = x_axis_control(x)
+        self.x_control.observe(lambda change: self.set_x(change["new"]), names="value")
+        self.caption = w.HTML(self._caption(), layout=w.Layout(width="380px"))
         self.history: list[PanelRun] = []
         self._watch(self.controls.values())
         self.widget = w.VBox([
-            w.HBox([w.VBox(list(self.controls.values())), w.VBox([self.image, self.status])]),
-            self.error, w.HBox([self.record, self.figure]),
+            w.HTML(PIXELATED_STYLE),
+            w.HBox([w.VBox(list(self.controls.values()), layout=w.Layout(min_width="320px", margin="0 16px 0 0")),
+                    w.VBox([self.image, self.status])]),
+            self.error,
+            w.HBox([w.VBox([self.record, self.x_control, self.caption], layout=w.Layout(width="390px", min_width="390px")),
+                    self.figure], layout=w.Layout(align_items="flex-start")),
         ])
         if run:
             self.run()
@@ -569,16 +1209,35 @@ class SamplerPanel(_RunnerPanel):
         self.setup.sync_enabled(self.controls, self.params(), self._quiet)
 
     # -- running
-    def _compute(self, p: dict) -> PanelRun:
+    def _foreground(self, p: dict) -> PanelRun:
         return self.setup.run(p)
 
     def _draw(self, run: PanelRun) -> None:
-        self.image.value = grid_png(run.result.images)
-        self.record.value = record_table(run.result.record, run.quality, self.quality_label)
-        point = self.setup.point(run)
-        if point is not None:
-            series, text = self.setup.series(run)
-            add_point(self.figure, series, *point, text)
+        images = run.result.images
+        self.image_scale = fit_scale(images, max_width=self.IMAGE_WIDTH)
+        _show_png(self.image, grid_png(images, scale=self.image_scale))
+        self.record.value = self._record_html(run)
+        move_mark(self.figure, "current", None, None)  # back on the curve when this run's point is measured
+
+    def _measure(self, run: PanelRun) -> None:
+        try:
+            self._time_repeats([run])
+            self.setup.measure_quality(run)
+        finally:
+            run.measured = True
+
+    def _timing_progress(self) -> None:
+        if self.history:
+            self.record.value = self._record_html(self.history[-1])
+
+    def _measured(self, run: PanelRun) -> None:
+        if self._is_current(run):
+            self.record.value = self._record_html(run)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        current = self.history[-1] if self.history else None
+        self.curve.draw(self.history, {"current": current if current is not None and current.measured else None})
 
     def _request(self) -> dict:
         return self.params()
@@ -608,30 +1267,31 @@ def image_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).abs()
 
 
-@dataclass
+@dataclass(eq=False)
 class Comparison:
     """One run of a :class:`ComparePanel`: both configurations and their difference.
 
     ``difference``: |A − B| per pixel of the displayed images (clamped to [−1, 1]), shape (N, C, H, W).
-    ``reused``: the sides whose parameters had not changed, so their previous run was shown again.
+    ``reused``: the sides whose parameters had not changed, so their previous run was shown again (and timed
+    again, interleaved with the other side).
     """
 
     a: PanelRun
     b: PanelRun
     difference: torch.Tensor
     reused: frozenset = frozenset()
+    timeline: dict = field(default_factory=dict)  # epoch seconds: requested, started, sampled, shown, measured
 
-
-def _params_key(p: Mapping) -> tuple:
-    """A comparable key for a parameter dict (tensors, e.g. conditioning images, by identity)."""
-    return tuple(sorted((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in p.items()))
+    @property
+    def measured(self) -> bool:
+        return self.a.measured and self.b.measured
 
 
 class ComparePanel(_RunnerPanel):
     """Two sampling configurations, A and B, side by side from the same seed (the same initial noise).
 
     Shows each configuration's image grid and run record, their difference image (|A − B| per pixel, with its
-    scale stated) and both points on the speed/quality curve, labelled A and B::
+    scale stated), all three at the same size, and both points on the speed/quality curve, labelled A and B::
 
         ComparePanel(model, a=dict(sampler="ddim", steps=10), b=dict(sampler="dpmpp_2m", steps=10))
 
@@ -640,14 +1300,18 @@ class ComparePanel(_RunnerPanel):
     ``spacing``, ``speed``); a mode toggle per side appears when ``models`` is a mapping of several models.
     ``a``, ``b``: each configuration's values (initial values of its controls, or fixed values without one).
     ``defaults``: shared values (e.g. ``{"batch": 8}``). ``diff_scale``: the |A − B| shown white (``None``: the
-    largest in each run). ``x``, ``quality``, ``quality_label``: as for :class:`SamplerPanel`.
-    Only the side whose parameters changed is sampled again.
+    largest in each run). ``x``, ``quality``, ``quality_label``: as for :class:`SamplerPanel`. ``repeats``: after
+    each change A and B are timed this many more times, interleaved, and shown as median and range.
+    Only the side whose parameters changed is sampled again for its images.
     """
+
+    IMAGE_WIDTH = 300  # three columns (A, B, |A − B|) fit a notebook beside the file browser at 1400 px
+    COMPACT_RECORD = True
 
     def __init__(self, models, a: Mapping[str, Any] | None = None, b: Mapping[str, Any] | None = None,
                  controls: Iterable[str] = ("seed",), side_controls: Iterable[str] = ("sampler", "steps"),
                  defaults: Mapping[str, Any] | None = None, *, x: str = "wall_s", quality: Callable | None = None,
-                 quality_label: str | None = None, diff_scale: float | None = None, run: bool = True):
+                 quality_label: str | None = None, diff_scale: float | None = None, repeats: int = 3, run: bool = True):
         controls, side_controls = tuple(controls), tuple(side_controls)
         per_side = [n for n in side_controls if n in SHARED_ONLY]
         if per_side:
@@ -664,26 +1328,39 @@ class ComparePanel(_RunnerPanel):
                 raise ValueError(f"{label.lower()}= sets {clash}, which A and B share; give shared values in defaults=")
         if diff_scale is not None and not diff_scale > 0:
             raise ValueError(f"diff_scale={diff_scale!r} is not valid; give a positive number or None (the largest difference)")
-        super().__init__(models, quality, quality_label, x)
+        super().__init__(models, quality, quality_label, x, repeats)
         self.diff_scale = diff_scale
         defaults = dict(defaults or {})
         self.controls = make_controls(controls, defaults, self.setup.models, mode=False)
         self.side_controls = {s: make_controls(side_controls, sides[s], self.setup.models) for s in "AB"}
+        for c in (*self.side_controls["A"].values(), *self.side_controls["B"].values()):
+            c.layout.width = "300px"
+            c.style.description_width = "56px"
         self.fixed, self.side_fixed = defaults, sides  # values without a control
-        self.images = {s: w.Image(format="png", layout=w.Layout(max_width="100%")) for s in "AB"}
+        self.images = {s: _image_widget() for s in "AB"}
+        self.image_scale: int | None = None
         self.records = {s: w.HTML() for s in "AB"}
-        self.diff_image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.diff_image = _image_widget()
         self.diff_caption = w.HTML()
-        self.figure = speed_quality_widget(self.setup.x_title, self.setup.quality_label, marks=("A", "B"))
+        self.curve = Curve(self.setup, marks=("A", "B"), width=560)
+        self.figure = self.curve.figure
+        self.x_control = x_axis_control(x)
+        self.x_control.observe(lambda change: self.set_x(change["new"]), names="value")
+        self.caption = w.HTML(self._caption(compare=True), layout=w.Layout(width="370px"))
         self.history: list[Comparison] = []
         self._last: dict[str, tuple[tuple, PanelRun]] = {}
         self._watch([*self.controls.values(), *self.side_controls["A"].values(), *self.side_controls["B"].values()])
-        column = lambda s: w.VBox([w.HTML(f"<b>{s}</b>"), *self.side_controls[s].values(), self.images[s], self.records[s]])
+        column = dict(width="310px", min_width="310px", margin="0 12px 0 0")
+        side = lambda s: w.VBox([w.HTML(f"<b>{s}</b>"), *self.side_controls[s].values(), self.images[s], self.records[s]],
+                                layout=w.Layout(**column))
         self.widget = w.VBox([
+            w.HTML(PIXELATED_STYLE),
             w.HBox(list(self.controls.values())),
-            w.HBox([column("A"), column("B"), w.VBox([w.HTML("<b>|A − B|</b>"), self.diff_image, self.diff_caption],
-                                                     layout=w.Layout(max_width="33%"))]),
-            self.status, self.error, self.figure,
+            w.HBox([side("A"), side("B"), w.VBox([w.HTML("<b>|A − B|</b>"), self.diff_image, self.diff_caption],
+                                                 layout=w.Layout(**column))],
+                   layout=w.Layout(flex_flow="row nowrap", align_items="flex-start")),
+            self.status, self.error,
+            w.HBox([self.figure, w.VBox([self.x_control, self.caption])], layout=w.Layout(align_items="flex-start")),
         ])
         if run:
             self.run()
@@ -703,7 +1380,7 @@ class ComparePanel(_RunnerPanel):
             self.setup.sync_enabled({**self.controls, **self.side_controls[s]}, self.params(s), self._quiet)
 
     # -- running
-    def _compute(self, req: tuple[dict, dict]) -> Comparison:
+    def _foreground(self, req: tuple[dict, dict]) -> Comparison:
         runs, reused = {}, set()
         for side, p in zip("AB", req):
             last = self._last.get(side)
@@ -716,21 +1393,53 @@ class ComparePanel(_RunnerPanel):
         return Comparison(runs["A"], runs["B"], diff, frozenset(reused))
 
     def _draw(self, cmp: Comparison) -> None:
+        self.image_scale = fit_scale(cmp.a.result.images, max_width=self.IMAGE_WIDTH)
+        for side, run in (("A", cmp.a), ("B", cmp.b)):
+            self._last[side] = (_params_key(run.params), run)
+            _show_png(self.images[side], grid_png(run.result.images, scale=self.image_scale))
+        png, caption = difference_png(cmp.difference, self.diff_scale, pixel_scale=self.image_scale)
+        _show_png(self.diff_image, png)
+        self.diff_caption.value = f"<div style='font-size:0.85em;line-height:1.35'>{html.escape(caption)}</div>"
+        for side, run in (("A", cmp.a), ("B", cmp.b)):
+            run.measured = False  # a reused side is timed again, interleaved with the other
+            self.records[side].value = self._record_html(run)
         with self.figure.batch_update():
-            for side, run in (("A", cmp.a), ("B", cmp.b)):
-                self._last[side] = (_params_key(run.params), run)
-                self.images[side].value = grid_png(run.result.images)
-                self.records[side].value = record_table(run.result.record, run.quality, self.setup.quality_label)
-                point = self.setup.point(run)
-                if point is None:
+            for side in "AB":
+                if side not in cmp.reused:
                     move_mark(self.figure, side, None, None)
-                elif side in cmp.reused:
-                    move_mark(self.figure, side, *point)
-                else:
-                    series, text = self.setup.series(run)
-                    add_point(self.figure, series, *point, f"{side}: {text}", mark=side)
-        self.diff_image.value, caption = difference_png(cmp.difference, self.diff_scale)
-        self.diff_caption.value = f"<span style='font-size:0.9em'>{html.escape(caption)}</span>"
+
+    def _measure(self, cmp: Comparison) -> None:
+        try:
+            self._time_repeats([cmp.a, cmp.b])
+            failures = []
+            for run in (cmp.a, cmp.b):  # one side's failure does not keep the other side from its value
+                try:
+                    self.setup.measure_quality(run)
+                except Exception as e:  # noqa: BLE001 - shown in the panel below
+                    failures.append(e)
+            if failures:
+                raise failures[0]
+        finally:
+            cmp.a.measured = cmp.b.measured = True
+
+    def _timing_progress(self) -> None:
+        if self.history:
+            cmp = self.history[-1]
+            for side, run in (("A", cmp.a), ("B", cmp.b)):
+                self.records[side].value = self._record_html(run)
+
+    def _measured(self, cmp: Comparison) -> None:
+        if self._is_current(cmp):
+            for side, run in (("A", cmp.a), ("B", cmp.b)):
+                self.records[side].value = self._record_html(run)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        runs = list({id(r): r for c in self.history for r in (c.a, c.b)}.values())
+        cmp = self.history[-1] if self.history else None
+        marks = {"A": cmp.a if cmp is not None and cmp.a.measured else None,
+                 "B": cmp.b if cmp is not None and cmp.b.measured else None}
+        self.curve.draw(runs, marks)
 
     def _request(self) -> tuple[dict, dict]:
         return self.params("A"), self.params("B")
@@ -739,7 +1448,7 @@ class ComparePanel(_RunnerPanel):
     def static_html(self) -> str:
         parts = ["<div>"]
         if self.history:
-            parts.append("<div>")
+            parts.append("<div style='white-space:nowrap'>")
             for s in "AB":
                 parts.append(png_html(self.images[s].value, s))
             parts.append(png_html(self.diff_image.value, "|A − B|") + "</div>")
@@ -758,6 +1467,8 @@ class ComparePanel(_RunnerPanel):
 METRIC_COLUMNS = {"fd": ("fd",), "kid": ("kid",), "prdc": ("precision", "recall", "density", "coverage"),
                   "class_accuracy": ("class_accuracy",), "ode_distance": ("ode_distance",)}
 SWEEP_X = ("wall_s", "nfe", "network_s", "flops_per_sample")
+SWEEP_X_TITLES = {"wall_s": "wall time per run (s, log scale)", "nfe": "NFE per sample",
+                  "network_s": "network time per run (s, log scale)", "flops_per_sample": "FLOPs per sample (log scale)"}
 
 
 class SweepView(_Panel):
@@ -769,7 +1480,8 @@ class SweepView(_Panel):
     finished runs; Stop ends the sweep after the current run and keeps what finished; Resume runs the rest
     (finished runs come back from the cache at once). Runs without a ``y`` value (e.g. the ODE distance of a
     stochastic sampler) appear in the table but not on the curve. ``start=False`` builds the view idle.
-    A notebook run headless shows the runs finished when the cell ends: call :meth:`wait` first for all of them.
+    :meth:`show` displays the view and then waits for the sweep, so points appear as runs finish even while a
+    notebook runs all its cells, and the output a headless run saves holds the finished sweep.
     """
 
     def __init__(self, model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
@@ -806,9 +1518,10 @@ class SweepView(_Panel):
         self._state = "idle"
         self._state_lock = threading.Lock()  # Stop (kernel thread) and the sweep's end (worker) must not cross
 
-        self.figure = speed_quality_widget(AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y))
+        self.figure = speed_quality_widget(SWEEP_X_TITLES.get(x, x), AXIS_LABELS.get(y, y), marks=(), height=380)
         if x in ("wall_s", "network_s", "flops_per_sample"):
             self.figure.layout.xaxis.type = "log"  # costs span orders of magnitude across step counts
+            self.figure.layout.xaxis.rangemode = "normal"
         self.progress = w.IntProgress(value=0, min=0, max=self.total, description="runs", bar_style="info")
         self.count = w.HTML()
         self.stop_button = w.Button(description="Stop", icon="stop", tooltip="stop after the current run", disabled=True)
@@ -861,6 +1574,19 @@ class SweepView(_Panel):
             self._thread.join(timeout)
         return not self.running
 
+    def show(self, wait: bool = True, timeout: float = 600.0) -> None:
+        """Display the view now, so a live front end draws each run as it finishes (also while a notebook runs all
+        its cells); then, with ``wait``, block until the sweep ends (at most ``timeout`` seconds) and refresh that
+        output, so a notebook executed headless saves the finished sweep. Use it as a cell's last line instead of
+        ``view`` (it returns nothing, so the cell shows the view once)."""
+        from IPython.display import display
+
+        handle = display(self, display_id=True)
+        if wait:
+            self.wait(timeout)
+            if handle is not None:
+                handle.update(self)
+
     def close(self, timeout: float = 600.0) -> None:
         """Stop after the run in progress, wait for the sweep's thread to end, and close the widgets."""
         self.stop()
@@ -900,22 +1626,28 @@ class SweepView(_Panel):
         self._keys.add(row["cache_key"])
         y = row.get(self.y)
         if y is not None and np.isfinite(y):
-            series = REGISTRY[row["sampler"]].name + "".join(f" {k}={row[k]}" for k in self._varying)
+            series = self.series(row)
             low, high = row.get(f"{self.y}_low"), row.get(f"{self.y}_high")
             error = (low, high) if low is not None and high is not None and np.isfinite([low, high]).all() else None
-            text = (f"{series}<br>steps {row['steps']}, NFE {row['nfe']}<br>{row['wall_s'] * 1000:.0f} ms"
-                    f"{' (from the cache)' if row.get('cached') else ''}")
-            add_point(self.figure, series, float(row[self.x]), float(y), text, error=error)
+            interval = f" [{low:.3g}, {high:.3g}]" if error is not None else ""
+            text = (f"{series}<br>steps {row['steps']}, NFE {row['nfe']}<br>wall time {row['wall_s'] * 1000:.0f} ms"
+                    f"{' (from the cache)' if row.get('cached') else ''}<br>{AXIS_LABELS.get(self.y, self.y)}: {y:.3g}{interval}")
+            add_point(self.figure, series, float(row[self.x]), float(y), text, mark=None, error=error)
         self.progress.value = self.done
         self.table.value = self._table_html()
         self._show_status()
+
+    def series(self, row: Mapping) -> str:
+        """A run's curve: the sampler's name, with guidance, options and seed where those vary in this sweep."""
+        words = {"mode": lambda v: mode_label(v), "guidance": lambda v: f"w={v}", "seed": lambda v: f"seed {v}"}
+        extra = [words[k](row[k]) for k in self._varying]
+        return REGISTRY[row["sampler"]].name + (f" ({', '.join(extra)})" if extra else "")
 
     # -- display
     def _table_html(self) -> str:
         if not self.rows:
             return ""
-        table = bench.summary_table(self.frame())
-        return table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="n/a")
+        return table_html(sweep_table(self.frame()))
 
     def _show_status(self) -> None:
         n, total = self.done, self.total
@@ -948,7 +1680,7 @@ class ForwardPanel(_Panel):
         self.schedules = list(schedules)
         self.t = w.IntSlider(value=t, min=0, max=999, description="t", continuous_update=False)
         self.schedule = w.Dropdown(options=self.schedules, value=self.schedules[0], description="schedule")
-        self.image = w.Image(format="png")
+        self.image = _image_widget()
         self.info = w.HTML()
         self.figure = go.FigureWidget(layout=go.Layout(height=300, template="plotly_white", margin=dict(l=60, r=10, t=30, b=40),
                                                        xaxis_title="t", yaxis_title="log10 SNR(t)"))
@@ -958,14 +1690,15 @@ class ForwardPanel(_Panel):
         self.figure.add_scatter(x=[t], y=[0.0], mode="markers", marker=dict(size=14, color="black"), name="t")
         for c in (self.t, self.schedule):
             c.observe(lambda _: self.update(), names="value")
-        self.widget = w.VBox([w.HBox([self.t, self.schedule]), w.HBox([self.image, self.info]), self.figure])
+        self.widget = w.VBox([w.HTML(PIXELATED_STYLE), w.HBox([self.t, self.schedule]),
+                              w.HBox([self.image, self.info], layout=w.Layout(align_items="flex-start")), self.figure])
         self.update()
 
     def update(self) -> None:
         t, name = self.t.value, self.schedule.value
         xt = sch.noise(self.images, t, seed=self.seed, schedule=name)
         abar = float(sch.alphas_cumprod(name)[t])
-        self.image.value = grid_png(xt.clamp(-1, 1), nrow=len(self.images))
+        _show_png(self.image, grid_png(xt.clamp(-1, 1), nrow=len(self.images)))
         self.info.value = (f"<table><tr><td>abar_t</td><td><b>{abar:.4g}</b></td></tr>"
                            f"<tr><td>SNR(t)</td><td><b>{abar / (1 - abar):.4g}</b></td></tr>"
                            f"<tr><td>signal share sqrt(abar_t)</td><td><b>{abar ** 0.5:.3f}</b></td></tr></table>")

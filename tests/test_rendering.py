@@ -117,3 +117,82 @@ def test_quality_row_measures_a_result_or_plain_images():
     assert moved["NFE"] == 10 and moved["wall s"] == 0.25
     assert moved["RMS from start"] == pytest.approx(float((x.mul(1.5).clamp(-1, 1) - x).pow(2).mean().sqrt()))
     assert np.isnan(report.quality_row("run", Result(), y)["RMS from start"])
+
+
+# ------------------------------------------------------------------------------------------ readable figures
+
+
+def test_fit_scale_picks_the_largest_integer_scale_that_fits():
+    x = torch.zeros(8, 1, 16, 16)  # 3 a row: 3 * 17 + 1 = 52 pixels wide
+    assert plots.fit_scale(x, max_width=320) == 6 and plots.fit_scale(x, max_width=51) == 1
+    png = plots.grid_png(x, scale=plots.fit_scale(x, max_width=320))
+    assert plots.png_size(png) == (312, 312)
+    tag = plots.img_tag(png)
+    assert "width='312' height='312'" in tag and "image-rendering:pixelated" in tag
+
+
+def test_data_range_starts_at_zero_and_fits_the_data():
+    assert plots.data_range([0.2, 0.5]) == pytest.approx([0.0, 0.58])
+    assert plots.data_range([]) is None and plots.data_range([float("nan")]) is None
+    lo, hi = plots.data_range([0.01, 1.0], log=True)
+    assert lo < -2 and 0 < hi < 0.5
+    assert plots.data_range([-1.0, 1.0])[0] < -1  # signed data keeps its sign
+
+
+def test_order_figure_gives_each_sampler_its_own_style_and_a_plain_title():
+    rows = []
+    for key, name, p in (("ddim", "DDIM", 1), ("heun", "Heun", 2), ("dpmpp_2m", "DPM-Solver++ 2M", 2)):
+        for steps in (100, 200):
+            rows.append({"sampler": key, "name": name, "steps": steps, "nfe": steps, "error": 1e-2 * (100 / steps) ** p})
+    fig = plots.order_figure(pd.DataFrame(rows))
+    measured = [t for t in fig.data if t.showlegend is not False]
+    assert len(measured) == 3 and len(fig.data) == 6
+    assert len({t.marker.color for t in measured}) == 3 and len({t.marker.symbol for t in measured}) == 3
+    assert fig.layout.yaxis.title.text == "error vs exact solution (RMS)"
+    assert fig.layout.legend.x > 1 and fig.layout.height >= 480  # the legend beside the plot: it never scrolls
+    assert all(t.line.dash == "dot" for t in fig.data if t.showlegend is False)
+    assert list(measured[0].x) == sorted(measured[0].x)
+
+
+def test_sweep_table_speaks_plainly():
+    df = pd.DataFrame({"model": "m", "sampler": ["dpmpp_2m", "ddim", "ddim"], "steps": [5, 10, 5], "guidance": None,
+                       "mode": "default", "seed": 0, "nfe": [5, 10, 5], "wall_s": [0.1, 0.2, 0.12],
+                       "fd": [30.0, 20.0, 22.0], "fd_low": [28.0, 18.0, 20.0], "fd_high": [32.0, 22.0, 24.0]})
+    t = report.sweep_table(df)
+    assert list(t.columns) == ["sampler", "steps", "NFE", "wall time (s)", "FD", "FD 95% interval"]
+    assert t["sampler"].tolist() == ["DDIM", "DDIM", "DPM-Solver++ 2M"] and t["steps"].tolist() == [5, 10, 5]
+    assert t["FD 95% interval"].iloc[0] == "[20, 24]"
+    varied = report.sweep_table(df.assign(mode=["default", "{'spacing': 'karras'}", "default"]))
+    assert "options" in varied.columns and "default" in varied["options"].tolist()
+
+
+def test_fit_table_wraps_long_columns_and_keeps_labels_on_one_line():
+    df = pd.DataFrame({"key": ["ddim"], "diffusers": ["DDIMScheduler (" + "x=1, " * 20 + ")"]})
+    html = report.FitTable(df, wrap=("diffusers",))._repr_html_()
+    assert "white-space:nowrap" in html and "max-width:22em" in html and "overflow-x:auto" in html
+    assert "td:nth-child(2),.companion-table th:nth-child(2){white-space:normal" in html
+    assert repr(report.FitTable(df)) == df.to_string(index=False)  # plain text where HTML is not shown
+
+
+def test_sunburst_labels_are_horizontal_and_readable():
+    from companion import taxonomy
+
+    fig = taxonomy.sunburst()
+    tr = fig.data[0]
+    assert tr.insidetextorientation == "horizontal" and tr.textfont.size >= 12
+    assert fig.layout.uniformtext.minsize >= 11 and fig.layout.height >= 700
+
+
+def test_quality_axis_titles_are_short_enough_to_show_whole():
+    y_titles = {k: t for k, t in plots.AXIS_LABELS.items() if k not in ("wall_s", "network_s", "nfe", "flops_per_sample")}
+    assert y_titles and all(len(t) <= 34 for t in y_titles.values()), {k: len(t) for k, t in y_titles.items()}
+
+
+def test_speed_quality_figure_has_no_negative_axis_even_with_one_point():
+    df = pd.DataFrame({"sampler": ["ddim"], "steps": [5], "nfe": [5], "wall_s": [0.2], "fd": [3.0], "fd_low": [2.5],
+                       "fd_high": [3.5]})
+    fig = plots.speed_quality_figure(df, x="wall_s", y="fd", log_x=False)
+    assert fig.layout.xaxis.range[0] == 0 and fig.layout.xaxis.range[1] > 0.2
+    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] > 3.5
+    log = plots.speed_quality_figure(df.assign(wall_s=[0.05]), x="wall_s", y="fd")  # a log axis: its decades, around the point
+    assert log.layout.xaxis.range[0] < np.log10(0.05) < log.layout.xaxis.range[1]

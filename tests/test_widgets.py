@@ -47,7 +47,8 @@ def test_panel_runs_at_build_and_updates_image_record_and_curve(tiny_model):
     assert last.nfe == 16  # classifier-free guidance: both halves count
     assert p.record.value != rec0
     assert sum(len(t.x) for t in p.figure.data[1:]) == 2
-    assert p.figure.data[0].x == (last.wall_s,)  # the highlight follows the current configuration
+    assert p.figure.data[0].x == (p.history[-1].wall_s,)  # the highlight follows the current configuration
+    assert len(p.history[-1].times) == p.repeats  # timed again in the background: the median is shown
     p.controls["seed"].value = 5
     assert p.wait(60)
     assert p.image.value != p.history[-2].result and p.image.value != img0

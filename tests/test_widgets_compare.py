@@ -45,7 +45,7 @@ def test_both_sides_start_from_the_same_noise_and_show_images_records_and_marks(
     assert series_points(p.figure) == 2
     for s, run in (("A", cmp.a), ("B", cmp.b)):
         m = mark(p.figure, s)
-        assert m.x == (run.result.record.wall_s,) and m.y == (run.quality,) and m.text == (s,)
+        assert m.x == (run.wall_s,) and m.y == (run.quality,) and m.text == (s,)
 
 
 def test_changing_one_side_reruns_only_that_side(tiny_model):
@@ -57,11 +57,13 @@ def test_changing_one_side_reruns_only_that_side(tiny_model):
     cmp = p.history[-1]
     assert cmp.reused == {"A"} and cmp.a is first.a
     assert cmp.b.result.record.steps == 8 and cmp.a.result.record.steps == 4
-    assert p.images["A"].value == img_a and p.records["A"].value == rec_a
+    assert p.images["A"].value == img_a  # A's images were not sampled again...
+    assert len(first.a.times) == 5 and "median of 5" in p.records["A"].value  # ...but A was timed again beside B
+    assert p.records["A"].value.split("wall time")[0] == rec_a.split("wall time")[0]
     assert p.images["B"].value != img_b and p.records["B"].value != rec_b and "8 / 8" in p.records["B"].value
     assert series_points(p.figure) == 3  # B's new configuration added one point; A's was already there
-    assert mark(p.figure, "B").x == (cmp.b.result.record.wall_s,)
-    assert mark(p.figure, "A").x == (first.a.result.record.wall_s,)
+    assert mark(p.figure, "B").x == (cmp.b.wall_s,)
+    assert mark(p.figure, "A").x == (first.a.wall_s,)  # A's run, timed again beside B's
     assert torch.equal(cmp.difference, (cmp.a.result.images.clamp(-1, 1) - cmp.b.result.images.clamp(-1, 1)).abs())
 
 
@@ -92,7 +94,7 @@ def test_identical_configurations_give_an_exactly_zero_difference(tiny_model):
     # ...and every image cell black: the difference grid is the grid of a zero batch
     from companion.plots import grid_png
 
-    assert p.diff_image.value == grid_png(torch.full((6, 1, 8, 8), -1.0))
+    assert p.diff_image.value == grid_png(torch.full((6, 1, 8, 8), -1.0), scale=p.image_scale)
 
 
 def test_the_difference_image_follows_its_stated_scale(tiny_model):
@@ -101,7 +103,7 @@ def test_the_difference_image_follows_its_stated_scale(tiny_model):
     assert "white 0.5 or more (fixed scale)" in p.diff_caption.value
     from companion.plots import grid_png
 
-    assert p.diff_image.value == grid_png((d / 0.5).clamp(0, 1) * 2 - 1)
+    assert p.diff_image.value == grid_png((d / 0.5).clamp(0, 1) * 2 - 1, scale=p.image_scale)
 
 
 def test_a_burst_of_20_changes_triggers_at_most_two_runs_and_ends_on_the_last_value(tiny_model):
@@ -126,15 +128,16 @@ def test_an_error_is_shown_in_the_panel_and_the_next_run_works(tiny_model):
         return 0.0
 
     p = panel(tiny_model, controls=("seed",), quality=picky)
-    n = len(p.history)
+    n, points = len(p.history), series_points(p.figure)
     p.controls["seed"].value = 13
     assert p.wait(60)
     assert "seed 13 is unlucky" in p.error.value and "RuntimeError" in p.error.value
-    assert len(p.history) == n  # the failed run shows nothing new
+    assert len(p.history) == n + 1  # the images were shown; their quality failed
+    assert series_points(p.figure) == points and "failed" in p.records["A"].value  # no point without a quality
     p.controls["seed"].value = 14
     assert p.wait(60)
     assert p.error.value == ""
-    assert len(p.history) == n + 1 and p.history[-1].a.result.record.seed == 14 == p.history[-1].b.result.record.seed
+    assert len(p.history) == n + 2 and p.history[-1].a.result.record.seed == 14 == p.history[-1].b.result.record.seed
 
 
 def test_a_sampler_error_on_one_side_is_shown_in_plain_words(tiny_model):

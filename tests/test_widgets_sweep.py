@@ -56,7 +56,7 @@ def test_one_point_per_finished_run_and_the_progress_bar_reaches_the_total(tmp_p
 def test_error_bars_come_from_the_bootstrap_interval(tmp_path):
     view = SweepView(oracle.toy_mixture(), ["ddim"], [2, 4], cache_dir=tmp_path, **TINY)
     assert view.wait(60)
-    df = view.frame()
+    df = view.frame().sort_values("wall_s", kind="stable")  # a line's points are sorted by x
     trace = next(t for t in view.figure.data if t.name == "DDIM")
     np.testing.assert_allclose(trace.error_y.array, df["ode_distance_high"] - df["ode_distance"], rtol=1e-12)
     np.testing.assert_allclose(trace.error_y.arrayminus, df["ode_distance"] - df["ode_distance_low"], rtol=1e-12)
@@ -92,7 +92,7 @@ def test_an_error_is_shown_in_plain_words_and_finished_runs_stay(tmp_path):
     assert view.done == 1 and series_points(view.figure) == 1 and view.progress.value == 1
     assert "1 of 2 runs finished" in view.status.value and view.progress.bar_style == "danger"
     assert not view.resume_button.disabled
-    assert {t.name for t in view.figure.data if t.hovertemplate} == {"DDIM mode=default"}  # modes vary: in the label
+    assert {t.name for t in view.figure.data if t.hovertemplate} == {"DDIM (default)"}  # modes vary: in the label
 
 
 def test_a_sweep_refused_before_any_run_says_why(tmp_path):
@@ -108,7 +108,7 @@ def test_static_representation_has_the_figure_and_the_table_of_finished_runs(tmp
     bundle = view._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     html = bundle["text/html"]
-    assert "plotly" in html and html.count("<tr") == 1 + 2 and "ode_distance" in html and "done: 2 of 2" in html
+    assert "plotly" in html and html.count("<tr") == 1 + 2 and "distance to ODE solution" in html and "done: 2 of 2" in html
 
 
 def test_bad_arguments_are_refused():
@@ -121,3 +121,24 @@ def test_bad_arguments_are_refused():
         SweepView(model, "ddim", [2], start=False, **TINY)
     with pytest.raises(ValueError, match="warp_drive"):
         SweepView(model, ["warp_drive"], [2], start=False, **TINY)
+
+
+def test_show_displays_the_view_before_the_sweep_ends_and_refreshes_it_after(tmp_path, monkeypatch):
+    import IPython.display
+
+    gate, shown = threading.Event(), []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj.done, obj.running))
+
+    def display(obj, display_id=False):
+        shown.append(("display", obj.done, obj.running))
+        gate.set()  # the sweep may go on only once the view is on the page
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    view = SweepView(gated_mixture(gate), ["ddim"], [2, 4], cache_dir=tmp_path, **TINY)
+    assert view.show(timeout=60) is None  # nothing for the cell to print after the view
+    assert not view.running and view.done == 2
+    assert shown == [("display", 0, True), ("update", 2, False)]  # shown while running, refreshed when finished

@@ -266,9 +266,25 @@ def run_all(page, rel_path: str, timeout_s: float = 120.0, stall_s: float = 15.0
 
     Fails early when cells stay pending while the kernel sits idle for ``stall_s`` (nothing is running them).
     """
+    t0 = start_run_all(page)
+    return wait_run_all(page, rel_path, t0, timeout_s, stall_s)
+
+
+def start_run_all(page) -> float:
+    """Click Run -> Run All Cells; returns the monotonic time of the click (for :func:`wait_run_all`)."""
     t0 = time.monotonic()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    return t0
+
+
+def run_state(page) -> dict:
+    """Progress of a run-all: pending code cells, total, errors shown, the kernel indicator's status."""
+    return page.evaluate(_RUN_STATE)
+
+
+def wait_run_all(page, rel_path: str, t0: float, timeout_s: float = 120.0, stall_s: float = 15.0) -> float:
+    """Wait until a run-all started at ``t0`` finished: every cell ran and the kernel is idle."""
     state: dict = {}
     idle_since, last_pending = None, None
     while time.monotonic() - t0 < timeout_s:
@@ -329,7 +345,7 @@ _IMAGE_STATE = """async (root) => {
 }"""
 
 # JS: points per plotly figure in the panel (scatter-like traces; arrays may be typed or base64 specs).
-_POINTS = """(root) => [...root.querySelectorAll('.js-plotly-plot')].map(gd => (gd.data || [])
+POINTS_JS = _POINTS = """(root) => [...root.querySelectorAll('.js-plotly-plot')].map(gd => (gd.data || [])
   .filter(t => t.type === undefined || t.type === 'scatter' || t.type === 'scattergl')
   .map(t => { const x = t.x === undefined ? t.y : t.x;
     if (x == null) return 0;

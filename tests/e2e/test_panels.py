@@ -8,6 +8,8 @@ fixture panel and on two broken variants of it, on which it must fail.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import jupyterlab_driver as lab
@@ -84,4 +86,30 @@ def test_notebook_panel_reacts(lab_page, notebook):
     lab_page.open(nb)
     lab_page.run_all(nb)
     lab.exercise_panel(lab_page.page, nb, lab_page.name, lab.REACT_TIMEOUT, sampler_ok=_adds_a_point)
+    _no_console_errors(lab_page)
+
+
+def test_sweep_view_draws_points_while_run_all_is_still_running(lab_page):
+    """SweepView.show() puts the view on the page before waiting: points appear while the cell still runs."""
+    nb = "e2e/sweep_view.ipynb"
+    lab_page.open(nb)
+    page = lab_page.page
+    t0 = lab.start_run_all(page)
+    notebook = page.locator(lab.NOTEBOOK).first
+    counts = lambda: sum(notebook.evaluate(lab.POINTS_JS))  # points in every plotly figure of the notebook
+    seen_while_running = None
+    deadline = t0 + lab.RUN_TIMEOUT
+    while seen_while_running is None and time.monotonic() < deadline:
+        points = counts()
+        state = lab.run_state(page)
+        if state["pending"] == 0 and state["status"] == "idle":
+            break
+        if 0 < points < 8 and state["pending"] > 0:
+            seen_while_running = points
+        page.wait_for_timeout(100)
+    lab_page.screenshot("while-running")
+    assert seen_while_running, "no point of the sweep appeared in the browser before Run All finished the cell"
+    lab.wait_run_all(page, nb, t0, lab.RUN_TIMEOUT)
+    page.wait_for_timeout(500)
+    assert counts() == 8  # 2 samplers x 4 step counts, all drawn once the sweep ended
     _no_console_errors(lab_page)
