@@ -211,7 +211,8 @@ def solver_consequence(model, samplers: Sequence[str], steps: Sequence[int] = (1
                "wall_s": rec.wall_s}
         found = {"ode_distance": M.ode_distance(res.samples[:n_ode], ref, sampler=key, seed=seed)}
         if n_fd is not None:
-            found["fd"] = M.frechet_distance(res.images[:n_fd], seed=seed)
+            # class-balanced samples are a stratified design: FD's bias correction and interval keep the strata
+            found["fd"] = M.frechet_distance(res.images[:n_fd], seed=seed, labels=None if labels is None else labels[:n_fd])
         row.update(M.as_columns(found))
         rows.append(row)
     return pd.DataFrame(rows)

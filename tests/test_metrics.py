@@ -41,7 +41,7 @@ def test_set():
 @pytest.fixture(scope="module")
 def noise_sweep(test_set):
     x, y = test_set
-    return [M.evaluate_images(noisy(x, s), y) for s in NOISE]
+    return [M.evaluate_images(noisy(x, s), y, metrics=(*M.DEFAULT_IMAGE_METRICS, "kid_normalised")) for s in NOISE]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,34 @@ def test_precision_falls_with_corruption(sweep, request):
     assert prec[-1].high < prec[0].low - 0.3
 
 
-def test_kid_behaves(noise_sweep):
-    kid = [r["kid"] for r in noise_sweep]
+@pytest.mark.parametrize("name", ["kid", "kid_normalised"])
+def test_kid_behaves(noise_sweep, name):
+    kid = [r[name] for r in noise_sweep]
     assert kid[0].low <= 0.0 <= kid[0].high  # real vs real: zero inside the interval (unbiased estimator)
-    assert abs(kid[0].value) < 0.05
+    assert abs(kid[0].value) < 0.1 * kid[2].value
     values = [k.value for k in kid]
     assert all(b > a for a, b in zip(values[1:], values[2:])), values
     assert kid[-1].low > kid[0].high
-    assert all(np.isfinite(k.value) and abs(k.value) < 20 for k in kid)  # bounded kernel: no blow-ups
+    # no blow-ups: from light noise on, the interval is within a factor 2 of the value on either side
+    assert all(np.isfinite(k.value) and k.value / 2 < k.low <= k.high < 2 * k.value for k in kid[2:])
+
+
+def test_kid_variants_are_named(noise_sweep):
+    standard, normalised = noise_sweep[2]["kid"], noise_sweep[2]["kid_normalised"]
+    assert standard.name == "kid" and "raw features" in standard.note
+    assert normalised.name == "kid_normalised" and "norm sqrt(d)" in normalised.note
+    assert standard.value != pytest.approx(normalised.value, rel=0.5)  # different numbers: never mix them
+
+
+def test_unlabelled_set_is_taken_as_iid(test_set):
+    """The held-out split is class-stratified; without its labels it is taken as i.i.d., which over-corrects the
+    FD bias: the value is lower than with the labels (the interval still reaches 0 here)."""
+    x, y = test_set
+    feats, _, _ = M.extract(x)
+    with_labels = M.fd_from_features(feats, M.reference(), labels=y)
+    without = M.fd_from_features(feats, M.reference())
+    assert without.value < with_labels.value
+    assert with_labels.low <= 0.0 <= with_labels.high
 
 
 def test_class_accuracy(noise_sweep, test_set):
@@ -127,12 +147,31 @@ def test_fd_matches_torchmetrics_on_the_network_itself(test_set):
     fid = FrechetInceptionDistance(feature=NetFeatures())
     fid.update(xt, real=True)
     fid.update(noisy(x, 0.1), real=False)
-    ours = M.frechet_distance(noisy(x, 0.1))
-    assert ours.value == pytest.approx(float(fid.compute()), rel=1e-4)
-    # the batched bootstrap formula agrees with torchmetrics at unit weights
     feats, _, _ = M.extract(noisy(x, 0.1))
-    boot = M.fd_from_features(feats, M.reference(), n_boot=2)
-    assert boot.value == pytest.approx(ours.value, rel=1e-9)
+    plug_in = M.plug_in_fd(feats, M.reference())
+    assert plug_in == pytest.approx(float(fid.compute()), rel=1e-4)
+    # the reported FD is the plug-in minus its estimated finite-sample bias (positive: FD is biased upwards)
+    ours = M.frechet_distance(noisy(x, 0.1))
+    assert 0 < plug_in - ours.value < 0.5 * plug_in
+    assert f"plug-in {plug_in:.4g}" in ours.note
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_kid_matches_torchmetrics_on_equal_sizes():
+    """With equal set sizes and one subset of all samples, torchmetrics' KID is the same U-statistic."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(300, 64, generator=g, dtype=torch.float64) * 2
+    fake = torch.rand(300, 64, generator=g, dtype=torch.float64) * 2.1
+    kid = KernelInceptionDistance(feature=M.PrecomputedFeatures(64), subsets=1, subset_size=300)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    ref = M.Reference("features-test", "custom", real, None)
+    ours = M.kid_from_features(fake, ref, n_boot=10)
+    assert ours.value == pytest.approx(float(kid.compute()[0]), rel=1e-9)
+    with pytest.warns(DeprecationWarning, match="subsets"):  # the old subset option: accepted, ignored
+        assert M.kid_from_features(fake, ref, n_boot=10, subsets=50).value == ours.value
 
 
 def test_intervals_are_seeded(test_set):
@@ -153,6 +192,50 @@ def test_too_few_samples_are_refused(test_set):
         M.class_accuracy(x[:5], y[:5])
     with pytest.raises(ValueError, match="NaN"):
         M.frechet_distance(torch.full((200, 1, 16, 16), float("nan")))
+
+
+def test_resampled_moments_match_torch():
+    """The batched weighted means and covariances of the bootstrap equal those of the resampled sets."""
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 5
+    idx = M._boot_indices(300, 4, 0)
+    mu, cov = M._weighted_moments(x, M._boot_weights(300, 4, 0))
+    for b in range(4):
+        assert torch.allclose(mu[b], x[idx[b]].mean(0)) and torch.allclose(cov[b], torch.cov(x[idx[b]].T))
+
+
+def test_leave_group_out_moments_keep_the_design():
+    """A stratified deletion replaces one class's mean and covariance by its kept samples' and leaves the class
+    sizes of the pooled estimate as they were; an unlabelled set just drops the group."""
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 3
+    strata = M._strata(torch.arange(40) % 4, 40)
+    mu, cov, kept, full, _ = M._leave_group_out_moments(x, strata)
+    idx = strata[0]
+    dropped = idx[M._jackknife_groups(len(idx), len(kept) // 4)[0]]
+    parts = [x[s] for s in strata]
+    parts[0] = x[[i for i in idx.tolist() if i not in dropped.tolist()]]
+    means = torch.stack([p.mean(0) for p in parts])  # each class weighted by its full size, 10 of 40
+    pooled = means.mean(0)
+    within = sum(9 * torch.cov(p.T) for p in parts)
+    between = sum(10 * torch.outer(m, m) for m in means) - 40 * torch.outer(pooled, pooled)
+    assert kept[0] == 10 - len(dropped) and full[0] == 10
+    assert torch.allclose(mu[0], pooled) and torch.allclose(cov[0], (within + between) / 39)
+    mu, cov, kept, _, _ = M._leave_group_out_moments(x, None)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[M._jackknife_groups(40, len(kept))[3]] = False
+    assert torch.allclose(mu[3], x[keep].mean(0)) and torch.allclose(cov[3], torch.cov(x[keep].T))
+
+
+def test_stratified_resamples_keep_class_counts():
+    labels = torch.arange(120) % 3
+    w = M._boot_weights(120, 5, 0, M._strata(labels, 120))
+    for c in range(3):
+        assert (w[:, labels == c].sum(1) == 40).all()
+    assert M._strata(torch.tensor([0, 0, 0, 1, 1]), 5) is None  # a class of two samples: taken as i.i.d.
+    x = torch.randn(130, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = M.Reference("features-test", "custom", x, torch.arange(130) % 10)
+    few = torch.cat([torch.zeros(126), torch.ones(3)]).long()  # a class of 3: the smallest that keeps its stratum
+    fd = M.fd_from_features(x[:129] + 0.1, ref, n_boot=20, labels=few)
+    assert np.isfinite([fd.value, fd.low, fd.high]).all()
 
 
 def test_measurement_record():
