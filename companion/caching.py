@@ -18,11 +18,14 @@ import diffusers
 import torch
 
 from .errors import CachingError
-from .speed import NetworkView
+from .speed import AcceleratedModel, NetworkView
 
 
 def _check_unet(model) -> torch.nn.Module:
     name = getattr(model, "name", type(model).__name__)
+    if isinstance(model, AcceleratedModel):
+        raise CachingError(f"model {name!r} runs with speed options ({model.options.label()}), whose network call bypasses "
+                           "the cache; use the cache on the plain model")
     unet = getattr(model, "unet", None)
     if not isinstance(unet, diffusers.UNet2DModel):
         kind = type(unet).__name__ if unet is not None else "no network (an exact-score oracle)"
@@ -59,8 +62,9 @@ class DeepCache:
     def label(self) -> str:
         return "no cache" if self.interval == 1 else f"DeepCache N={self.interval}"
 
-    # the wrap seam: ``wrap(network) -> network`` with predict_noise's signature
+    # the wrap seam: ``wrap(network) -> network`` with predict_noise's signature, called once per run
     def __call__(self, network):
+        self.calls, self.full_calls, self._deep = 0, 0, None  # a run starts with a full call
         view = NetworkView(self.model, self._unet_call)
         predict = type(self.model).predict_noise
         return lambda x, t, **kw: predict(view, x, t, **kw)

@@ -336,7 +336,7 @@ def write_times(path: Path, rows, *, cold: bool, timeout: int) -> None:
     doc = {"command": "companion run-notebooks " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "companion run-notebooks",
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(),
            "thread_settings": {k: os.environ.get(k) for k in ("COMPANION_THREADS", "OMP_NUM_THREADS")},
-           "cold_cache": cold, "cell_timeout_s": timeout,
+           "cold_cache": cold, "load_average_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None, "cell_timeout_s": timeout,
            "notebooks": [{"notebook": name, "seconds": round(dt, 1), "status": status} for name, dt, status, _ in rows],
            "total_seconds": round(sum(r[1] for r in rows), 1)}
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

@@ -71,6 +71,7 @@ from . import schedules as sch
 from .device import pick_device, release_cpu_threads
 from .models import load
 from .partial import sample_from
+from .caching import DeepCache
 from .plots import (AXIS_LABELS, data_range, difference_png, error_html, figure_html, fit_scale, grid_png, png_html,
                     png_size, series_style)
 from .reference import SOLUTIONS, ReferenceDistance, ReferenceSolutions
@@ -429,9 +430,21 @@ def speed_control(value: str = "fp32", device: str | None = None) -> w.Dropdown:
     return w.Dropdown(options=labels, value=value if value in labels else labels[0], description="speed")
 
 
+CACHE_INTERVALS = (1, 2, 3, 5)
+
+
+def cache_control(value: int = 1) -> w.Dropdown:
+    """DeepCache's interval N: the full UNet every N-th network call, its shallow branch in between (1: no cache)."""
+    if value not in CACHE_INTERVALS:
+        raise ValueError(f"cache interval {value!r} is not offered; choose one of {CACHE_INTERVALS}")
+    return w.Dropdown(options=[("no cache" if n == 1 else f"full call every {n}", n) for n in CACHE_INTERVALS],
+                      value=value, description="cache")
+
+
 CONTROL_FACTORIES: dict[str, Callable[..., w.Widget]] = {
     "sampler": sampler_control, "steps": steps_control, "guidance": guidance_control, "eta": eta_control,
     "spacing": spacing_control, "seed": seed_control, "batch": batch_control, "speed": speed_control,
+    "cache": cache_control,
 }
 
 
@@ -687,6 +700,7 @@ def _params_key(p: Mapping) -> tuple:
 
 
 SETTING_NAMES = {"guidance": "w", "class": "class", "seed": "seed", "eta": "eta", "spacing": "spacing", "speed": "speed",
+                 "cache": "cache N",
                  "batch": "batch"}
 
 
@@ -744,6 +758,8 @@ class SamplingSetup:
             kw["cond"] = p["cond"][: kw["batch"]]
         if "eta" in p and spec.has_eta:
             kw["eta"] = p["eta"]
+        if p.get("cache", 1) != 1:  # a fresh cache per call: it counts calls and keeps features for one run
+            kw["wrap"] = DeepCache(model, p["cache"])
         if model.conditional:
             cls = p.get("class", -1)
             kw["class_labels"] = torch.arange(kw["batch"]) % model.num_classes if cls in (-1, None) else torch.full((kw["batch"],), int(cls))

@@ -56,3 +56,26 @@ def test_refused_where_it_cannot_apply(digits):
         DeepCache(digits, 2.5)
     with pytest.raises(CachingError, match="UNet2DModel.*no network"):
         DeepCache(toy_mixture(), 2)
+
+
+def test_a_panel_offers_the_cache_interval(digits):
+    from companion.widgets import SamplingSetup, cache_control
+
+    _, kw = SamplingSetup(digits).sample_kwargs({"sampler": "ddim", "steps": 4, "batch": 2, "cache": 3})
+    assert isinstance(kw["wrap"], DeepCache) and kw["wrap"].interval == 3
+    _, plain = SamplingSetup(digits).sample_kwargs({"sampler": "ddim", "steps": 4, "batch": 2, "cache": 1})
+    assert "wrap" not in plain
+    assert cache_control(5).value == 5
+    with pytest.raises(ValueError, match="cache interval 4 is not offered.*1, 2, 3, 5"):
+        cache_control(4)
+
+
+def test_an_instance_restarts_with_each_run_and_speed_options_are_refused(digits):
+    from companion.speed import accelerate
+
+    dc = DeepCache(digits, 2)
+    for _ in range(2):
+        sample(digits, sampler="ddim", steps=4, seed=0, batch=2, class_labels=torch.tensor([1, 2]), wrap=dc)
+        assert (dc.calls, dc.full_calls) == (4, 2)
+    with pytest.raises(CachingError, match="speed options"):
+        DeepCache(accelerate(digits, {"channels_last": True}), 2)
