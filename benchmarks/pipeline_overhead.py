@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import diffusers  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
+from companion import pipelines  # noqa: E402
 from companion.pipelines import PipelineModel  # noqa: E402
 from companion.sampling import sample  # noqa: E402
 
@@ -79,16 +80,8 @@ TINY = dict(
              latent_channels=4, norm_num_groups=4, sample_size=32), guidance=7.5, sampler="euler")
 
 
-def tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single letters (no download); prompts are padded to CLIP's 77 tokens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+def tokenizer(folder: Path):
+    return pipelines.letter_tokenizer(folder, model_max_length=77)
 
 
 def clip(cfg: dict, projection: bool):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from . import schedules
+from . import schedules, verdicts
 from .bench import class_labels_for, example_inputs, initial_noise
 from .errors import SamplingError
 from .orders import network_reference
@@ -255,11 +255,25 @@ def ratio_bounds(a, b) -> tuple[float, float, float]:
 
 def difference_interval(a, b) -> tuple[float, float, float]:
     """``(a - b, low, high)`` for two independent measurements (:class:`companion.metrics.Measurement` or
-    ``(value, low, high)``), with the MOVER interval (Zou & Donner 2008): each side's variance is recovered from its
-    own 95 % interval, so asymmetric intervals stay asymmetric."""
-    av, al, ah = M.interval(a)
-    bv, bl, bh = M.interval(b)
-    if not (al <= av <= ah and bl <= bv <= bh):
-        raise ValueError(f"each value must lie inside its interval, got a={a!r}, b={b!r}")
-    d = av - bv
-    return d, d - math.hypot(av - al, bh - bv), d + math.hypot(ah - av, bv - bl)
+    ``(value, low, high)``): :func:`companion.verdicts.difference`'s MOVER interval (Zou & Donner 2008), so
+    asymmetric intervals stay asymmetric. Two Measurements must be comparable (metric, feature space, n)."""
+    if not (isinstance(a, M.Measurement) and isinstance(b, M.Measurement)):
+        a, b = (M.Measurement("value", *M.interval(x), n=0) for x in (a, b))
+    for x in (a, b):
+        if not x.low <= x.value <= x.high:
+            raise ValueError(f"each value must lie inside its interval, got {x!r}")
+    d = verdicts.difference(a, b)
+    return d.value, d.low, d.high
+
+
+def versus(a, b) -> str:
+    """One line comparing measurement ``a`` with ``b`` (each a Measurement or ``(value, low, high)``, lower is
+    better, e.g. FD): the difference with its interval, and the ratio with the range the two intervals allow where
+    b's interval lies above 0 (a ratio to a value that may be 0 means nothing, and the line says so)."""
+    d, dl, dh = difference_interval(a, b)
+    text = f"difference {d:+.2f} [{dl:+.2f}, {dh:+.2f}]"
+    _, bl, bh = M.interval(b)
+    if bl <= 0:
+        return text + f"; no ratio: the reference's interval [{bl:.2f}, {bh:.2f}] reaches 0"
+    r, lo, hi = ratio_bounds(a, b)
+    return text + f"; ratio {r:.2f}x (ratios the two 95 % intervals allow: {lo:.2f} to {hi:.2f})"

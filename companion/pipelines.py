@@ -682,3 +682,20 @@ def resolve_prompts(prompt, batch: int, what: str = "prompt") -> list[str] | Non
             raise SamplingError(f"{what} holds {len(prompt)} strings but batch={batch}; give one string or {batch}")
         return list(prompt)
     raise SamplingError(f"{what} must be a string or a list of {batch} strings, got {type(prompt).__name__}")
+
+
+def letter_tokenizer(folder: str | Path, model_max_length: int = 77):
+    """A CLIP BPE tokenizer over single letters, written to ``folder`` (no download, no merges: every word is spelled
+    out letter by letter). Random-weight pipelines for tests and speed benchmarks use it where a real tokenizer would
+    need the network; ids stay below 54, so any CLIP text config with ``vocab_size >= 54`` accepts them."""
+    from transformers import CLIPTokenizer  # the hub/test extra: text encoders are optional
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)

@@ -202,10 +202,3 @@ def quality_row(label: str, run, labels, *, start=None) -> dict:
             "FD 95% CI": f"[{m['fd'].low:.1f}, {m['fd'].high:.1f}]", "FD high": m["fd"].high,
             "precision": m["precision"].value, "recall": m["recall"].value, "class acc": m["class_accuracy"].value,
             "RMS from start": float((images - start).pow(2).mean().sqrt()) if start is not None else float("nan")}
-
-
-def finding_verdict(strong: bool, weak: bool = False) -> str:
-    """A survey finding's verdict from the evidence: ``"supported"`` when the strong test passes, ``"partly
-    supported"`` when only the weak one does, else ``"not supported"``. (The rules deciding ``strong`` and
-    ``weak`` belong to each finding; this only names the outcome, the same way in every chapter.)"""
-    return "supported" if strong else ("partly supported" if weak else "not supported")

@@ -209,3 +209,18 @@ def test_difference_interval_is_mover():
     assert lo == pytest.approx(2.0 - (1.0 ** 2 + 0.2 ** 2) ** 0.5) and hi == pytest.approx(2.0 + (2.0 ** 2 + 0.5 ** 2) ** 0.5)
     with pytest.raises(ValueError, match="inside its interval"):
         X.difference_interval((3.0, 3.5, 5.0), (1.0, 0.5, 1.2))
+
+
+def test_versus_states_difference_and_ratio_or_why_not():
+    line = X.versus((3.0, 2.0, 5.0), (1.0, 0.5, 1.2))
+    assert line.startswith("difference +2.00 [")
+    assert "ratio 3.00x" in line and "1.67 to 10.00" in line
+    # a reference whose interval reaches 0 has no meaningful ratio: the line says why instead of printing one
+    assert "no ratio" in X.versus((3.0, 2.0, 5.0), (0.1, -0.2, 0.4))
+
+
+def test_difference_interval_refuses_incomparable_measurements():
+    from companion.metrics import Measurement
+    a = Measurement("fd", 1.0, 0.8, 1.2, 500, "digits-judge")
+    with pytest.raises(ValueError, match="n = 500"):
+        X.difference_interval(a, Measurement("fd", 1.0, 0.8, 1.2, 200, "digits-judge"))

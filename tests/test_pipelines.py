@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("transformers", reason="text encoders need transformers (the test extra installs it)")
 
 import diffusers  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from companion import bench, pipelines, samplers  # noqa: E402
 from companion.errors import ModelError, SamplerError, SamplingError  # noqa: E402
@@ -30,16 +30,8 @@ PROMPTS = ["a cat", "a red dog"]
 
 
 # ------------------------------------------------------------------------------------------------ tiny components
-def tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single letters (no merges): every word is spelled out."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=8)
+def tokenizer(folder: Path):
+    return pipelines.letter_tokenizer(folder, model_max_length=8)
 
 
 def clip(projection: bool = False):

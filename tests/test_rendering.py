@@ -93,12 +93,6 @@ def test_image_row_renders_each_grid_through_grid_png():
     assert "a &amp; b" in row._repr_html_()
 
 
-def test_finding_verdict_names_the_outcome():
-    assert report.finding_verdict(True) == report.finding_verdict(True, True) == "supported"
-    assert report.finding_verdict(False, True) == "partly supported"
-    assert report.finding_verdict(False) == "not supported"
-
-
 def test_quality_row_measures_a_result_or_plain_images():
     from companion.data import digits
 
