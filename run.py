@@ -9,14 +9,17 @@ Only the standard library is used here, so this works with a bare ``python3`` (>
 Set-up is idempotent: the environment lives in ``.venv/``, and installs are skipped while
 ``pyproject.toml`` is unchanged (a stamp file records its hash).
 
-Torch is installed first and on purpose: an open ``torch`` requirement lets pip pick a multi-GB CUDA
-build even on machines without an NVIDIA GPU. Without a GPU we take the CPU build (from a local wheel
-folder when pip is configured with one, otherwise from PyTorch's CPU index).
+Torch is installed first and on purpose. pyproject asks for a range (``torch>=...``) so that a torch already
+there (Colab's, a GPU image's) is kept; but with no torch at all, pip would satisfy that range with a multi-GB
+CUDA build even on machines without an NVIDIA GPU. So when the environment has no torch in the range, this
+script installs TORCH_VERSION itself: without a GPU the CPU build (from a local wheel folder when pip is
+configured with one, otherwise from PyTorch's CPU index). The package install that follows then keeps it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-TORCH_VERSION = "2.13.0"
+TORCH_VERSION = "2.13.0"  # the build installed where no torch in pyproject's range is there (tested with it)
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
@@ -67,8 +70,19 @@ def local_cpu_wheel() -> bool:
     return False
 
 
+def torch_requirement() -> str:
+    """pyproject's torch version range (e.g. ``>=2.4``): the one place the supported range is written."""
+    m = re.search(r'^\s*"torch\s*([<>=!~][^";]*)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    if not m:
+        die("pyproject.toml lists no versioned torch requirement")
+    return m.group(1).replace(" ", "")
+
+
 def torch_installed() -> bool:
-    code = f"import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='{TORCH_VERSION}' else 1)"
+    """True when the environment's torch imports and lies in pyproject's range (any build: CPU or CUDA)."""
+    code = ("import sys, torch; from pip._vendor.packaging.specifiers import SpecifierSet; "
+            "from pip._vendor.packaging.version import Version; "
+            f"sys.exit(0 if Version(torch.__version__) in SpecifierSet({torch_requirement()!r}) else 1)")
     return subprocess.call([str(PY), "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
 
 

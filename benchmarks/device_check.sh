@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU device check, one command, no network needed (parts 1-2: at most 5 minutes on one H100; part 3: 7 more):
+# The GPU device check, one command, no network needed, all four parts within 10 minutes on one GPU (230 + 200 + 140 s
+# by default; each part's budget can be raised, or a part run alone, with the variables below):
 #   1. the GPU tests and the speed tests (tests/test_gpu.py, tests/test_speed.py with the slow inductor test on),
 #   2. the GPU benchmark (benchmarks/gpu_benchmark.py) with the time that is left,
 #   3. full-size text-to-image pipelines against their own __call__ (benchmarks/pipeline_overhead.py),
+#   4. the system ladder on full-size SD-1.5 and SDXL UNets (benchmarks/ladder.py --device cuda),
 # then prints where the results are: benchmarks/results/gpu_<gpu-name>.json and .md,
 # benchmarks/results/pipeline_overhead_gpu.json and .md, plus the logs.
 #
@@ -12,13 +14,14 @@
 # Python: the repo's .venv when it sees a CUDA GPU, else python3 (a GPU image with torch). Missing pure-Python
 # packages (diffusers, importlib_metadata) are installed from wheels in .whl/ when that folder exists; see docs/gpu.md.
 # pytest runs without the project's addopts (they name nbval, which a GPU image need not have).
-# DEVICE_CHECK_LIMIT_S overrides the total budget of parts 1-2 (default 290 s). Part 3, the full-size text-to-image
-# pipelines (benchmarks/pipeline_overhead.py, needs transformers), has its own, PIPELINE_CHECK_LIMIT_S (default 420 s);
-# DEVICE_CHECK_PARTS=pipelines runs part 3 alone, DEVICE_CHECK_PARTS=core parts 1-2 alone (default: all).
+# DEVICE_CHECK_LIMIT_S overrides the total budget of parts 1-2 (default 230 s). Part 3, the full-size text-to-image
+# pipelines (benchmarks/pipeline_overhead.py, needs transformers), has its own, PIPELINE_CHECK_LIMIT_S (default 200 s);
+# DEVICE_CHECK_PARTS=pipelines runs part 3 alone, DEVICE_CHECK_PARTS=ladder part 4 alone (LADDER_CHECK_LIMIT_S, default
+# 140 s), DEVICE_CHECK_PARTS=core parts 1-2 alone (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-LIMIT=${DEVICE_CHECK_LIMIT_S:-290}
+LIMIT=${DEVICE_CHECK_LIMIT_S:-230}
 START=$(date +%s)
 COPY_DIR=${1:-}
 RESULTS="$ROOT/benchmarks/results"
@@ -58,26 +61,47 @@ fi
 # each pipeline's own __call__ (same scheduler, same NFE: checked) with random weights built from configs written in the
 # script (no network): SD-1.5 UNet at 512 px, SDXL UNet at 1024 px, SD3-medium transformer at 1024 px; seconds per image
 # at 1/4/20/50 steps, peak memory, network time per step, decode and text-encoding cost apart. Its own budget:
-# PIPELINE_CHECK_LIMIT_S (default 420 s, within 8 minutes with start-up). DEVICE_CHECK_PARTS=pipelines runs only it.
-pipelines_part() {
-  local budget=${PIPELINE_CHECK_LIMIT_S:-420}
+# PIPELINE_CHECK_LIMIT_S (default 200 s; 420 s lets it reach the 50-step rows of all three). DEVICE_CHECK_PARTS=pipelines runs only it.
+# A part that needs transformers, with its own budget and log: with_transformers NAME BUDGET WHAT COMMAND...
+with_transformers() {
+  local name=$1 budget=$2 what=$3; shift 3
   if ! "$PY" -c "import transformers" 2>/dev/null; then
-    say "pipelines: transformers is missing (pip install 'transformers>=4.45', or bring its wheel in .whl/): skipped"
+    say "$name: transformers is missing (pip install 'transformers>=4.45', or bring its wheel in .whl/): skipped"
     return 3
   fi
-  say "pipelines: full-size random SD-1.5 / SDXL / SD3 against their own __call__; budget $budget s"
-  timeout --signal=INT "$budget" "$PY" benchmarks/pipeline_overhead.py --size full --pipelines sd15,sdxl,sd3 \
-    --steps 1,4,20,50 --time-limit $(( budget - 90 )) --out "$RESULTS/pipeline_overhead_gpu" 2>&1 | tee "$LOGS/pipelines.log"
+  say "$name: $what; budget $budget s"
+  timeout --signal=INT "$budget" "$PY" "$@" 2>&1 | tee "$LOGS/$name.log"
   return "${PIPESTATUS[0]}"
 }
-if [ "${DEVICE_CHECK_PARTS:-all}" = "pipelines" ]; then
-  pipelines_part; PIPE_RC=$?
-  say "pipelines exit code $PIPE_RC; results: $RESULTS/pipeline_overhead_gpu.json and .md, log $LOGS/pipelines.log"
-  if [ -n "$COPY_DIR" ]; then
-    mkdir -p "$COPY_DIR" && cp "$RESULTS"/pipeline_overhead_gpu.* "$LOGS"/pipelines.log "$COPY_DIR"/ 2>/dev/null
+pipelines_part() {
+  local budget=${PIPELINE_CHECK_LIMIT_S:-200}
+  with_transformers pipelines "$budget" "full-size random SD-1.5 / SDXL / SD3 against their own __call__" \
+    benchmarks/pipeline_overhead.py --size full --pipelines sd15,sdxl,sd3 --steps 1,4,20,50 --time-limit $(( budget - 90 )) \
+    --out "$RESULTS/pipeline_overhead_gpu"
+}
+# ---- the system ladder at full size (benchmarks/ladder.py --device cuda): SD-1.5 and SDXL UNets, random weights from
+# the published configurations, Euler 30 steps with guidance; fp32 -> bf16 -> SDPA -> torch.compile -> fused QKV -> dynamic
+# int8 (torchao; refused with the reason without it), each rung's speed-up and latent difference vs fp32, the network
+# timed with CUDA events (one synchronisation per run). Needs transformers (it reads the configurations from
+# benchmarks/pipeline_overhead.py). Its own budget: LADDER_CHECK_LIMIT_S (default 140 s; 240 s for both UNets' every rung); DEVICE_CHECK_PARTS=ladder runs
+# only it.
+ladder_part() {
+  local budget=${LADDER_CHECK_LIMIT_S:-140}
+  with_transformers ladder "$budget" "full-size SD-1.5 / SDXL UNets, cumulative levers" \
+    benchmarks/ladder.py --device cuda --repeats 3 --time-limit $(( budget - 60 )) --out "$RESULTS/ladder_gpu"
+}
+# DEVICE_CHECK_PARTS=pipelines or =ladder: that part alone, its results copied to COPY_DIR
+for only in pipelines:pipeline_overhead_gpu ladder:ladder_gpu; do
+  name=${only%%:*} stem=${only#*:}
+  if [ "${DEVICE_CHECK_PARTS:-all}" = "$name" ]; then
+    "${name}_part"; RC=$?
+    say "$name exit code $RC; results: $RESULTS/$stem.json and .md, log $LOGS/$name.log"
+    if [ -n "$COPY_DIR" ]; then
+      mkdir -p "$COPY_DIR" && cp "$RESULTS"/"$stem".* "$LOGS"/"$name".log "$COPY_DIR"/ 2>/dev/null
+    fi
+    exit "$RC"
   fi
-  exit "$PIPE_RC"
-fi
+done
 
 say "tests (GPU and speed options); budget $(( $(left) - 150 )) s"
 timeout --signal=INT $(( $(left) - 150 )) "$PY" -m pytest tests/test_gpu.py tests/test_speed.py -q -rs --durations=10 -p no:cacheprovider -o addopts="" \
@@ -99,18 +123,21 @@ say "benchmark exit code $BENCH_RC"
 if [ "${DEVICE_CHECK_PARTS:-all}" = "all" ]; then
   pipelines_part; PIPE_RC=$?
   say "pipelines exit code $PIPE_RC"
+  ladder_part; LADDER_RC=$?
+  say "ladder exit code $LADDER_RC"
 else
-  PIPE_RC=0
+  PIPE_RC=0; LADDER_RC=0
 fi
 
 echo
 say "results:"
-ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* 2>/dev/null | sed 's/^/  /'
+ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* 2>/dev/null | sed 's/^/  /'
 echo "  $LOGS/pytest.log"
 echo "  $LOGS/benchmark.log"
 echo "  $LOGS/pipelines.log"
+echo "  $LOGS/ladder.log"
 if [ -n "$COPY_DIR" ]; then
-  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
+  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
   say "copied to $COPY_DIR"
 fi
-[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$PIPE_RC" -eq 0 ]
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$PIPE_RC" -eq 0 ] && [ "$LADDER_RC" -eq 0 ]

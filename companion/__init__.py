@@ -12,7 +12,7 @@ from .models import DiffusionModel, ModelError, load
 from .samplers import glossary
 from .sampling import sample
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version source: pyproject reads it (setuptools dynamic), `companion --version` prints it
 THREADS = fit_threads()
 
 _PANELS = ("ComparePanel", "SweepView")

@@ -20,12 +20,29 @@ ENV_VAR = "COMPANION_ASSETS"
 HUB_TIMEOUT_S = 5.0  # how long an optional download waits for the Hugging Face Hub to answer
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+# An installed wheel keeps the repository's assets/, notebooks/ and docs/ under the package (pyproject maps them
+# to companion/_bundled/); a source checkout or an editable install reads them at the repository's top level.
+BUNDLED_DIR = PACKAGE_DIR / "_bundled"
+
+
+def _bundled(name: str) -> Path:
+    installed = BUNDLED_DIR / name
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / name
+
+
 def assets_dir() -> Path:
-    """The assets folder: ``$COMPANION_ASSETS`` or ``assets/`` beside the package (a source checkout)."""
+    """The assets folder: ``$COMPANION_ASSETS``, else the installed package's bundled copy, else ``assets/`` beside
+    the package (a source checkout)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "assets"
+    return _bundled("assets")
+
+
+def notebooks_dir() -> Path:
+    """The chapters: the installed package's bundled copy, else ``notebooks/`` of the source checkout."""
+    return _bundled("notebooks")
 
 
 def models_dir() -> Path:
@@ -150,9 +167,21 @@ def hub_unavailable(timeout: float = HUB_TIMEOUT_S) -> str | None:
     """
     from huggingface_hub import constants  # optional: only a download needs it
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     return _hub_reachable(constants.ENDPOINT, timeout)
+
+
+def hub_offline() -> bool:
+    """Whether ``$HF_HUB_OFFLINE`` turns the Hub off (the values huggingface_hub reads as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache() -> str:
+    """Where Hub downloads are kept (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _hub_reachable(endpoint: str, timeout: float) -> str | None:

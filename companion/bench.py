@@ -5,9 +5,15 @@
 peak memory, and quality metrics with intervals) and returns a tidy table, one row a run.
 
 Each finished run is written to ``cache_dir`` (default: :func:`default_cache_dir`; ``False`` turns it off) at once (atomic: temporary file, then ``os.replace``), keyed
-by a digest of the full configuration, the model's sha256 and the metric/bench versions. A rerun reads the
+by a digest of the full configuration, the model's fingerprint and the metric/bench versions. A rerun reads the
 rows back instantly; an interrupted sweep keeps every run it finished; a cache entry that cannot be read
 back is reported (a warning naming the file) and recomputed.
+
+Two keys per run: ``cache_key`` (everything, the host included: a row's timings are only valid there) and
+``quality_key`` (what changes the samples and their metrics: weights as in memory, sampler configuration, seeds,
+feature network, device kind and name, dtype, library versions). Rows of one ``quality_key`` from different hosts must
+agree on every quality column; :func:`merge_caches` checks that when caches of several machines are combined.
+Sweeps over several processes, GPUs or machines are in :mod:`companion.sharding`.
 
 Measurement and its analysis only (tables, Pareto fronts): figures and the HTML report of a sweep are
 drawn by :mod:`companion.plots`, which imports this module, never the other way round.
@@ -18,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import platform
 import threading
 import uuid
 import warnings
@@ -33,19 +40,22 @@ from .device import randn
 from .errors import ModelError
 from .features import default_feature_net_name, load_feature_net
 from .models import feature_space_for, load
-from .provenance import machine, model_fingerprint, tensor_digest, versions
+from .provenance import device_identity, machine, model_dtype, model_fingerprint, tensor_digest, versions
 from .reference import reference
 from .samplers import get as get_sampler
 from .sampling import sample
 from .errors import CacheWarning  # noqa: F401  (raised here; defined with the others)
 
-BENCH_VERSION = "4"  # bump when a row's definition changes: old cache entries are then not reused
+BENCH_VERSION = "5"  # bump when a row's definition changes: old cache entries are then not reused
 # ode_distance is opt-in: its reference is a DOP853 solve costing hundreds of network evaluations per seed.
 DEFAULT_METRICS = ("fd", "prdc", "class_accuracy")
 ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
 DEFAULT_N_SAMPLES = 256
 DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
 CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
+DEVICE_COLUMNS = ("device_kind", "device_name", "dtype")
+# Parts of a run's configuration that change its timings but not its samples: left out of the quality key.
+TIMING_ONLY = ("machine",)
 # Metrics where a larger value is better; every other metric (fd, kid, ode_distance, ...) is lower-better.
 HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "log_likelihood"})
 
@@ -100,12 +110,15 @@ def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: i
     The model enters as its fingerprint as it is in memory (weights, class, schedule, speed wrapper), not the
     sha256 it was loaded with, so a model changed in place or wrapped with speed options is a new model; the
     feature network the image metrics use enters the same way, and a reference image set by its digest; library
-    versions and the companion's own source digest, and the machine (rows hold timings), complete it.
+    versions and the companion's own source digest, the device (kind and name) and dtype the model computes in, and
+    the host (rows hold timings; :data:`TIMING_ONLY`) complete it.
     """
     feature_name = quality_space(model, metrics, feature, reference_images)
     config = {
         "model": getattr(model, "name", "model"),
         "model_fingerprint": model_fingerprint(model),
+        **device_identity(getattr(model, "device", "cpu")),
+        "dtype": model_dtype(model),
         "sampler": sampler,
         "steps": int(steps),
         "guidance": None if guidance is None else float(guidance),
@@ -128,6 +141,12 @@ def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: i
 
 def cache_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def quality_key(config: dict) -> str:
+    """Digest of what changes a run's samples and metrics (the configuration without :data:`TIMING_ONLY`): rows
+    of one quality key agree on every quality column on whatever host they were made."""
+    return cache_key({k: v for k, v in config.items() if k not in TIMING_ONLY})
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -199,6 +218,95 @@ class RunCache:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+class CacheConflictError(ValueError):
+    """Two sweep caches disagree about one run: merging them would put two different answers under one name."""
+
+
+QUALITY_NAMES = ("fd", "kid", "kid_normalised", "precision", "recall", "density", "coverage", "class_accuracy",
+                 "ode_distance", "out_of_range_fraction")
+
+
+def _cache_folder(folder: Path) -> Path:
+    """A sweep cache folder, or the ``cache`` folder inside a ``companion bench`` output folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give sweep cache folders (or `companion bench --out` folders)")
+    if not any(folder.glob("*.json")) and (folder / "cache").is_dir():
+        return folder / "cache"
+    return folder
+
+
+def _differing_fields(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def merge_caches(folders: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
+    """Combine the sweep caches of several machines (or ranks) into ``out``; returns the table of all their rows.
+
+    Rows from different devices or hosts are all kept (each names its device). Refused, with a
+    :class:`CacheConflictError` naming the field and both files, before anything is written: an entry whose
+    configuration no longer digests to its key (edited); one ``quality_key`` with different quality values (the
+    samples were meant to be identical); one run (model, sampler, steps, guidance, mode, seed, n_samples, metrics on
+    one device kind and name and dtype) under keys that differ in anything but the host, e.g. two different weights
+    that share a model name: the CSV could not tell them apart.
+    """
+    found: list[tuple[Path, dict, dict]] = []
+    for folder in folders:
+        src = _cache_folder(folder)
+        for f in sorted(src.glob("*.json")):
+            try:
+                entry = json.loads(f.read_text())
+                config, row = entry["config"], entry["row"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read cache entry {f} ({type(e).__name__}: {e}); remove it or rerun the sweep that wrote it") from None
+            if not isinstance(config, dict) or not isinstance(row, dict) or "nfe" not in row:
+                continue  # not a sweep row (e.g. a reference solution kept in the same folder)
+            if cache_key(config) != f.stem:
+                raise CacheConflictError(f"{f}: its configuration does not match its key {f.stem}; the entry was edited")
+            found.append((f, config, row))
+    # same key: same configuration by construction (the key is its digest); checked with the quality key below
+    by_quality: dict[str, tuple[Path, dict]] = {}
+    by_run: dict[tuple, tuple[Path, dict]] = {}
+    for f, config, row in found:
+        q = quality_key(config)
+        if q in by_quality:
+            g, other = by_quality[q]
+            bad = [c for c in QUALITY_NAMES if (c in row or c in other) and not _same_value(row.get(c), other.get(c))]
+            if bad:
+                raise CacheConflictError(f"{g} and {f} sampled the same thing (quality key {q}) but disagree on "
+                                         f"{', '.join(bad)}: the samples were not reproducible across these hosts")
+        by_quality.setdefault(q, (f, row))
+        run = tuple(json.dumps(config.get(c), sort_keys=True, default=str)
+                    for c in ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples", "metrics", *DEVICE_COLUMNS))
+        if run in by_run:
+            g, other = by_run[run]
+            fields = [k for k in _differing_fields(other, config) if k not in TIMING_ONLY]
+            if fields:
+                raise CacheConflictError(f"{g} and {f} are the same run of model {config.get('model')!r} on "
+                                         f"{config.get('device_name')} but their keys differ in {', '.join(fields)}; "
+                                         f"rename one model or rerun both sweeps with the same code and weights")
+        by_run.setdefault(run, (f, config))
+    target = RunCache(out)
+    if target.folder is None:
+        raise ValueError("merge needs an output folder")
+    rows, seen = [], set()
+    for f, config, row in found:
+        key = f.stem
+        if key in seen:
+            continue  # the same run on the same host, copied into two caches
+        seen.add(key)
+        if target.path(key).resolve() != f.resolve():
+            target.put(key, config, row)
+        rows.append(dict(row, cached=True, cache_key=key, quality_key=quality_key(config)))
+    return pd.DataFrame(rows)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    return a == b
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -295,6 +403,7 @@ def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: 
     row = {
         "model": config["model"], "sampler": sampler, "steps": int(steps), "guidance": config["guidance"],
         "mode": mode_label(mode), "seed": int(seed), "n_samples": int(n_samples),
+        **{c: config[c] for c in DEVICE_COLUMNS}, "host": platform.node(),
         "nfe": int(rec.nfe), "wall_s": float(rec.wall_s), "network_s": float(rec.network_s),
         "overhead_s": float(rec.overhead_s), "peak_mem_bytes": int(rec.peak_mem_bytes or 0),
         "stochastic": bool(rec.stochastic), "scheduler_class": rec.scheduler_class,
@@ -330,17 +439,9 @@ def _check_metrics(metrics) -> tuple[str, ...]:
     return metrics
 
 
-def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
-               n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
-               cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
-               on_result: Callable[[dict], None] | None = None, reference_images=None) -> Iterator[dict]:
-    """Yield one result row per run as it finishes (cached runs first appear instantly)."""
-    from tqdm.auto import tqdm
-
-
-    if isinstance(model, str):
-
-        model = load(model)
+def check_grid(samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
+               n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS) -> tuple:
+    """Validate a sweep's axes before any work; returns ``(samplers, steps, guidance, modes, seeds, metrics)`` as tuples."""
     if isinstance(samplers, str) or isinstance(steps, int):
         raise TypeError("samplers and steps must be sequences, e.g. samplers=['ddim'], steps=[10, 20]")
     for s in samplers:
@@ -357,21 +458,43 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
         seeds = (seeds,)
     for m in metrics:  # fail before sampling anything
         M.require_samples(n_samples, "prdc" if m == "prdc" else m)
+    return tuple(samplers), tuple(steps), tuple(guidance), tuple(modes), tuple(seeds), metrics
+
+
+def run_one(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, *, n_samples: int, metrics,
+            feature: str | None, n_ode: int, cache: RunCache, reference_images=None) -> dict:
+    """One run of a sweep: its row from ``cache`` when there, else measured and stored at once. The row carries
+    ``cached``, ``cache_key`` and ``quality_key``."""
+    config = run_config(model, sampler, steps, guidance, mode, seed, n_samples, metrics, feature, n_ode, reference_images)
+    key = cache_key(config)
+    row = cache.get(key, config)
+    cached = row is not None
+    if not cached:
+        row = measure_run(model, sampler, steps, guidance, mode, seed, n_samples, metrics, feature, n_ode, cache, config,
+                          reference_images)
+        cache.put(key, config, row)
+    return dict(row, cached=cached, cache_key=key, quality_key=quality_key(config))
+
+
+def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
+               n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
+               cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
+               on_result: Callable[[dict], None] | None = None, reference_images=None) -> Iterator[dict]:
+    """Yield one result row per run as it finishes (cached runs first appear instantly)."""
+    from tqdm.auto import tqdm
+
+    if isinstance(model, str):
+        model = load(model)
+    samplers, steps, guidance, modes, seeds, metrics = check_grid(samplers, steps, guidance, modes, seeds,
+                                                                  n_samples=n_samples, metrics=metrics)
     quality_space(model, metrics, feature, reference_images)
     cache = RunCache(cache_dir)
     grid = list(itertools.product(samplers, steps, guidance, modes, seeds))
     bar = tqdm(grid, desc=f"sweep {getattr(model, 'name', '')}", disable=not progress, unit="run")
     for sampler, n, g, mode, seed in bar:
         bar.set_postfix_str(f"{sampler} {n} steps", refresh=False)
-        config = run_config(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, reference_images)
-        key = cache_key(config)
-        row = cache.get(key, config)
-        cached = row is not None
-        if not cached:
-            row = measure_run(model, sampler, n, g, mode, seed, n_samples, metrics, feature, n_ode, cache, config,
-                              reference_images)
-            cache.put(key, config, row)
-        row = dict(row, cached=cached, cache_key=key)
+        row = run_one(model, sampler, n, g, mode, seed, n_samples=n_samples, metrics=metrics, feature=feature,
+                      n_ode=n_ode, cache=cache, reference_images=reference_images)
         if on_result is not None:
             on_result(row)
         yield row
@@ -406,18 +529,19 @@ def quality_columns(df: pd.DataFrame) -> list[str]:
 
 
 def run_labels(df: pd.DataFrame) -> pd.Series:
-    """One curve label per sampler, extended by mode/guidance/seed only where those vary in the table."""
+    """One curve label per sampler, extended by model/device/mode/guidance/seed only where those vary in the table."""
     label = df["sampler"].astype(str)
-    for col in ("mode", "guidance", "seed"):
+    for col in ("model", "device_name", "mode", "guidance", "seed"):
         if col in df.columns and df[col].nunique(dropna=False) > 1:
             label = label + f" {col}=" + df[col].astype(str)
     return label
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("sampler", "steps", "guidance", "mode", "seed", "nfe", "wall_s") if c in df.columns]
+    varying = [c for c in ("model", "device_name") if c in df.columns and df[c].nunique(dropna=False) > 1]
+    cols = [c for c in (*varying, "sampler", "steps", "guidance", "mode", "seed", "nfe", "wall_s") if c in df.columns]
     out = df[cols + quality_columns(df)].copy()
-    return out.sort_values(["sampler", "steps"]).reset_index(drop=True)
+    return out.sort_values([*varying, "sampler", "steps"]).reset_index(drop=True)
 
 
 def pareto_mask(x: np.ndarray, y: np.ndarray, higher_is_better: bool = False) -> np.ndarray:

@@ -22,10 +22,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from . import assets, bench, recipes
-from .device import DeviceError, pick_device
+from . import __version__, assets, bench, book, diagrams, implement, recipes, sharding
+from .device import DeviceError, accelerator_summary, describe
 from .errors import ModelError
 from .features import KIND as FEATURES_KIND
 from .models import load
@@ -37,7 +36,7 @@ from .provenance import machine, versions
 from .train import TRAIN_THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_NOTEBOOKS = ROOT / "notebooks"
+DEFAULT_NOTEBOOKS = assets.notebooks_dir()  # the installed package's copy, or notebooks/ of a source checkout
 
 
 class CliError(Exception):
@@ -53,16 +52,16 @@ def _version(dist: str) -> str:
 
 
 def info_dict(device: str | None = None) -> dict:
-    dev = pick_device(device)
     packages = ["torch", "diffusers", "torchmetrics", "numpy", "scipy", "pandas", "plotly", "ipywidgets",
                 "anywidget", "jupyterlab", "nbval", "scikit-learn", "scikit-image"]
     return {
+        "companion": __version__,
         "python": sys.version.split()[0],
         "versions": {p: _version(p) for p in packages},
-        "device": str(dev),
-        "cuda_available": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **describe(device),
+        "hub_cache": assets.hub_cache(),
+        "hub_offline": assets.hub_offline(),
+        "notebooks_dir": str(assets.notebooks_dir()),
         "assets_dir": str(assets.assets_dir()),
         "assets": assets.status(),
     }
@@ -74,11 +73,16 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 1 if bad else 0
+    print(f"companion     {info['companion']}")
     print(f"python        {info['python']}")
     for k, v in info["versions"].items():
         print(f"{k:<14}{v}")
     print(f"device        {info['device']}  (cuda available: {info['cuda_available']}; override with --device or $COMPANION_DEVICE)")
+    print(f"accelerator   {accelerator_summary(info)}")
     print(f"threads       {info['torch_threads']} torch threads, {info['cpu_count']} CPUs")
+    offline = "on: downloads are refused" if info["hub_offline"] else "off: downloads allowed when the network is there"
+    print(f"hub cache     {info['hub_cache']}  (HF_HUB_OFFLINE {offline})")
+    print(f"notebooks     {info['notebooks_dir']}")
     print(f"assets        {info['assets_dir']}")
     if not info["assets"]:
         print("              (no bundled models found)")
@@ -342,6 +346,84 @@ def write_times(path: Path, rows, *, cold: bool, timeout: int) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------- student-notebooks
+def cmd_student_notebooks(args) -> int:
+    """Write the student version of each notebook into ``--out``: solution blocks of ``implement-it`` cells
+    replaced by a stub (:func:`companion.implement.student_notebook`), outputs cleared."""
+    import nbformat
+
+    notebooks = find_notebooks(args.paths)
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {args.out} is a file; give a folder for the student notebooks")
+    sources = {p.resolve().parent for p in notebooks}
+    if out in sources:
+        raise CliError(f"--out {args.out} is where the solution notebooks are; give another folder (they would be overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        try:
+            student = implement.student_notebook(nb)
+        except ValueError as e:
+            raise CliError(f"{path.name}: {e}") from None
+        nbformat.validate(student)
+        nbformat.write(student, out / path.name)
+        stripped = len(implement.solution_lines(nb))
+        print(f"{path.name}: {stripped} solution lines replaced by stubs" if stripped else f"{path.name}: no implement-it cells, outputs cleared")
+    print(f"student notebooks written to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- book
+BOOK_RECORD = ROOT / "benchmarks" / "results" / "book_times.json"
+
+
+def cmd_book(args) -> int:
+    """Execute the chapters into the build folder and build the static site (see :mod:`companion.book`)."""
+    try:
+        chapters = book.select_chapters(args.chapters, Path(args.notebooks))
+        doc = book.build(Path(args.out), chapters, execute=lambda p: execute_notebook(p, timeout=args.timeout),
+                         summarise=lambda e: failure_summary(e, args.timeout), progress=lambda m: print(m, flush=True))
+    except book.BookError as e:
+        raise CliError(str(e)) from None
+    rows = doc["chapters"]
+    width = max(len(r["chapter"]) for r in rows)
+    print(f"\n{'chapter':<{width}}  {'execute s':>9}  {'build s':>7}  status")
+    for r in rows:
+        print(f"{r['chapter']:<{width}}  {r['execute_s']:9.1f}  {r['build_s']:7.2f}  {r['status']}")
+    print(f"other pages, search index, static files: {sum(doc['other_pages'].values()):.2f} s")
+    print(f"total {doc['total_seconds']:.1f} s (execute {doc['execute_seconds']:.1f} s, build {doc['build_seconds']:.1f} s); "
+          f"{doc['sphinx_warnings']} Sphinx warning(s); 1-min load at start, end: {doc['load_average_1m_at_start_and_end']}")
+    print(f"site: {doc['index']}\ntimes: {Path(args.out).resolve() / 'book_times.json'}")
+    if doc["external_references"]:
+        print("error: pages load from another host:\n  " + "\n  ".join(doc["external_references"]), file=sys.stderr)
+    if args.record:
+        record = Path(args.record)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**doc, "command": "companion book " + " ".join(sys.argv[2:])}, indent=1) + "\n",
+                          encoding="utf-8")
+        print(f"times recorded in {record}")
+    failed = [r for r in rows if r["status"] != "ok"]
+    return 1 if failed or doc["external_references"] else 0
+
+
+# ----------------------------------------------------------------------------- diagrams
+def cmd_diagrams(args) -> int:
+    """Draw the chapters' diagrams into ``--out`` (default ``assets/diagrams/``); ``--check``: only say which
+    committed files differ from what the code draws (exit 1 if any)."""
+    out = Path(args.out) if args.out else diagrams.diagrams_dir()
+    if args.check:
+        stale = diagrams.stale(out)
+        for name in stale:
+            print(f"{out / name}: differs from what companion.diagrams draws; run `companion diagrams`")
+        if not stale:
+            print(f"{len(diagrams.DIAGRAMS)} diagrams in {out} are up to date")
+        return 1 if stale else 0
+    for path in diagrams.write_all(out):
+        print(f"{path} ({path.stat().st_size} bytes)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- train
 def add_train(subparsers) -> argparse.ArgumentParser:
     """Add ``companion train NAME [--steps N] [--out DIR] [--resume] [--seed S]`` and ``companion train --list``.
@@ -419,13 +501,16 @@ def _csv(text: str, cast=str, what: str = "value") -> list:
 
 
 def add_bench(subparsers) -> argparse.ArgumentParser:
-    """Add ``bench`` (:func:`companion.bench.sweep` from the command line); its handler returns an exit code."""
-    p = subparsers.add_parser("bench", help="speed/quality sweep of samplers on a bundled model (CSV + HTML report)",
-                              description="Sample with every sampler x step count, measure speed and quality, "
-                                          "write bench.csv and an offline interactive report.html.")
-    p.add_argument("--model", required=True, help="bundled model name or asset folder (see `companion info`)")
-    p.add_argument("--samplers", required=True, type=lambda s: _csv(s, str, "sampler"), help="comma-separated, e.g. ddim,dpmpp_2m")
-    p.add_argument("--steps", required=True, type=lambda s: _csv(s, int, "step count"), help="comma-separated, e.g. 5,10,20,50")
+    """Add ``bench`` (:func:`companion.sharding.distributed_sweep` from the command line, in one process or under
+    ``accelerate launch``) and ``bench merge``; their handlers return an exit code."""
+    p = subparsers.add_parser("bench", help="speed/quality sweep of samplers on bundled models (CSV + HTML report)",
+                              description="Sample with every model x sampler x step count, measure speed and quality, "
+                                          "write bench.csv and an offline interactive report.html. Under "
+                                          "`accelerate launch` (or torchrun) the runs are shared between the processes.")
+    p.add_argument("--model", action="append", default=None, type=lambda s: _csv(s, str, "model"),
+                   help="bundled model name or asset folder (see `companion info`); comma-separated or repeated for several")
+    p.add_argument("--samplers", type=lambda s: _csv(s, str, "sampler"), help="comma-separated, e.g. ddim,dpmpp_2m")
+    p.add_argument("--steps", type=lambda s: _csv(s, int, "step count"), help="comma-separated, e.g. 5,10,20,50")
     p.add_argument("--guidance", type=lambda s: _csv(s, float, "guidance scale"), default=[None],
                    help="comma-separated classifier-free guidance scales ('none' = unguided)")
     p.add_argument("--spacing", type=lambda s: _csv(s, str, "spacing"), default=None,
@@ -435,36 +520,83 @@ def add_bench(subparsers) -> argparse.ArgumentParser:
                    help=f"samples per run (default {bench.DEFAULT_N_SAMPLES})")
     p.add_argument("--metrics", type=lambda s: _csv(s, str, "metric"), default=list(bench.DEFAULT_METRICS),
                    help=f"comma-separated, from {','.join(bench.ALL_METRICS)}")
-    p.add_argument("--cache-dir", default=None, help="run cache (default: <out>/cache)")
-    p.add_argument("--out", required=True, help="output folder for bench.csv and report.html")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
+    p.add_argument("--cache-dir", default=None, help="run cache, writable by every process (default: <out>/cache)")
+    p.add_argument("--out", help="output folder for bench.csv, report.html and log/rank-<i>.jsonl")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (under a launcher: cuda = each process's own GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+    sub = p.add_subparsers(dest="bench_action", metavar="merge")
+    m = sub.add_parser("merge", help="combine the run caches of several machines into one folder, CSV and report",
+                       description="Combine sweep caches (cache folders or `bench --out` folders); refuses entries "
+                                   "that disagree, naming the key field or quality column that differs.")
+    m.add_argument("folders", nargs="+", metavar="DIR", help="cache folders or bench output folders")
+    m.add_argument("--out", dest="merge_out", metavar="DIR", required=True, help="output folder: cache/, bench.csv, report.html")
+    m.set_defaults(func=cmd_bench_merge)
     return p
 
 
+def _write_bench(df: pd.DataFrame, out: Path, title: str) -> None:
+    """bench.csv (written whole, then renamed into place) and report.html."""
+    tmp = out / f".bench.csv.{os.getpid()}.tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out / "bench.csv")
+    html_report(df, out / "report.html", title=title)
+
+
 def cmd_bench(args) -> int:
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "samplers", "steps", "out") if not getattr(args, k)]
+    if missing:
+        print(f"error: companion bench needs {', '.join(missing)} (or `companion bench merge DIR... --out DIR`)", file=sys.stderr)
+        return 2
     out = Path(args.out)
+    models = [m for group in args.model for m in group]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        state = sharding.state_for(args.device)
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in ("bench.csv", "report.html"):  # a failed sweep must not leave an older table that looks current
+                (out / stale).unlink(missing_ok=True)
+        state.wait_for_everyone()
     except OSError as e:
         print(f"error: cannot create output folder {out}: {e}", file=sys.stderr)
         return 2
-    try:
-        model = load(args.model, device=args.device)
-        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
-        t0 = time.perf_counter()
-        df = bench.sweep(model, args.samplers, args.steps, args.guidance, modes, args.seeds, n_samples=args.n_samples,
-                   metrics=args.metrics, cache_dir=args.cache_dir or out / "cache", progress=not args.no_progress)
-    except (ModelError, ValueError, TypeError) as e:
+    except (sharding.LaunchError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    df.to_csv(out / "bench.csv", index=False)
-    html_report(df, out / "report.html", title=f"companion bench: {model.name}")
+    try:
+        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
+        t0 = time.perf_counter()
+        df = sharding.distributed_sweep(models, args.samplers, args.steps, args.guidance, modes, args.seeds,
+                                        n_samples=args.n_samples, metrics=args.metrics, cache_dir=args.cache_dir or out / "cache",
+                                        device=args.device, log_dir=out / "log", progress=not args.no_progress, state=state)
+    except (ModelError, ValueError, TypeError, sharding.LaunchError, DeviceError) as e:
+        print(f"error{f' (rank {state.process_index})' if state.num_processes > 1 else ''}: {e}", file=sys.stderr)
+        return 2
+    if df is None:  # not the main rank: it wrote its runs to the cache and its log; the main rank writes the table
+        return 0
+    _write_bench(df, out, title=f"companion bench: {', '.join(models)}")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(bench.summary_table(df).to_string(index=False))
-    print(f"\n{len(df)} runs ({int(df['cached'].sum())} from cache) in {time.perf_counter() - t0:.1f} s; "
-          f"wrote {out / 'bench.csv'} and {out / 'report.html'}")
+    print(f"\n{len(df)} runs ({int(df['cached'].sum())} from cache) on {state.num_processes} process(es) in "
+          f"{time.perf_counter() - t0:.1f} s; wrote {out / 'bench.csv'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_bench_merge(args) -> int:
+    out = Path(args.merge_out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        df = bench.merge_caches(args.folders, out / "cache")
+    except (ValueError, OSError) as e:  # CacheConflictError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"error: no sweep rows in {', '.join(args.folders)}", file=sys.stderr)
+        return 2
+    _write_bench(df, out, title=f"companion bench merge: {len(args.folders)} caches")
+    devices = sorted(set(df["device_name"].astype(str))) if "device_name" in df else []
+    print(f"{len(df)} rows from {len(args.folders)} caches ({len(devices)} device(s): {'; '.join(devices)}); "
+          f"wrote {out / 'cache'}, {out / 'bench.csv'} and {out / 'report.html'}")
     return 0
 
 
@@ -508,10 +640,11 @@ def cmd_order(args) -> int:
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="companion", description="Efficient Diffusion Companion: measured, interactive chapters on efficient diffusion models.")
+    p.add_argument("--version", action="version", version=f"companion {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("info", help="versions, chosen device, threads, bundled assets and their sha256 status")
+    s = sub.add_parser("info", help="versions, chosen device, accelerator, threads, Hub cache and offline mode, bundled assets and their sha256 status")
     s.add_argument("--device", default=None, help="device to check (auto, cpu, cuda, cuda:N, mps); default: $COMPANION_DEVICE or auto")
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_info)
@@ -533,6 +666,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each notebook's run time, status, machine and versions to FILE.json (e.g. benchmarks/results/chapter_times.json)")
     s.add_argument("--cold", action="store_true", help="run every notebook against an empty, temporary sweep cache (first-run times)")
     s.set_defaults(func=cmd_run_notebooks)
+
+    s = sub.add_parser("student-notebooks", help="write the student versions of the notebooks: implement-it solutions replaced by stubs")
+    s.add_argument("paths", nargs="*", help="notebooks or folders (default: notebooks/)")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder for the student notebooks (not the notebooks' own folder)")
+    s.set_defaults(func=cmd_student_notebooks)
+
+    s = sub.add_parser("book", help="execute the chapters and build them as a static, offline site (Sphinx + MyST-NB)",
+                       description="Execute every chapter (or those named) into the build folder, reusing the sweep "
+                                   "cache, and build a static site: navigation in chapter order, the taxonomy, the "
+                                   "glossary, instructor and GPU result pages, executed outputs, plotly figures, "
+                                   "search. Nothing is loaded from the web. Needs the 'book' extra.")
+    s.add_argument("--out", default="build/book", help="build folder (default build/book); the site is OUT/html/index.html")
+    s.add_argument("--chapters", nargs="+", default=None, metavar="NAME", help="chapters to include, e.g. 00_tour 06_fast_solvers (default: all)")
+    s.add_argument("--notebooks", default=str(DEFAULT_NOTEBOOKS), help="folder of the chapters (default: notebooks/)")
+    s.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
+    s.add_argument("--record", nargs="?", const=str(BOOK_RECORD), default=None, metavar="FILE.json",
+                   help="also write the times to FILE.json (default benchmarks/results/book_times.json)")
+    s.set_defaults(func=cmd_book)
+
+    s = sub.add_parser("diagrams", help="draw the chapters' diagrams (SVG) into assets/diagrams/, or --check that they are current")
+    s.add_argument("--out", default=None, metavar="DIR", help="folder to write into (default: assets/diagrams/)")
+    s.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs from what the code draws")
+    s.set_defaults(func=cmd_diagrams)
 
     add_train(sub)
     add_bench(sub)

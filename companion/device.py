@@ -7,6 +7,7 @@ on every device (GPU generators produce different streams from CPU ones).
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import torch
@@ -77,18 +78,87 @@ def randn(shape, seed_or_generator, device=None, dtype=torch.float32) -> torch.T
     return x.to(device=device or "cpu", dtype=dtype)
 
 
-def describe() -> dict:
-    """Facts about the compute environment, for ``companion info`` and run records."""
-    dev = pick_device()
-    info = {
+def describe(device: str | torch.device | None = None) -> dict:
+    """Facts about the compute environment, for ``companion info``: the chosen device, threads and accelerators."""
+    dev = pick_device(device)
+    return {
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cuda_available": torch.cuda.is_available(),
+        "accelerators": accelerators(),
+        "torch_cuda": torch.version.cuda,  # the CUDA runtime torch was built with; None for a CPU-only build
+        "nvidia_driver": nvidia_driver(),
+        "cuda_driver": cuda_driver_version(),
     }
+
+
+def accelerators() -> list[dict]:
+    """One row per accelerator torch can use: name, memory in bytes and (CUDA) compute capability; empty on CPU."""
+    rows = []
     if torch.cuda.is_available():
-        info["cuda_device_name"] = torch.cuda.get_device_name(0)
-    return info
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append({"device": f"cuda:{i}", "name": p.name, "memory_bytes": int(p.total_memory),
+                         "compute_capability": f"{p.major}.{p.minor}"})
+    elif _available("mps"):
+        # MPS shares the machine's memory; what Metal recommends as this process's working set is the useful limit
+        rows.append({"device": "mps", "name": "Apple GPU (MPS)", "memory_bytes": int(torch.mps.recommended_max_memory()),
+                     "compute_capability": None})
+    return rows
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (e.g. ``550.54.15``), or None without one. torch does not report it; NVML, which
+    ships with the driver, does (and Linux's ``/proc/driver/nvidia/version`` where NVML cannot be loaded)."""
+    try:
+        import ctypes
+
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() == 0:
+            buf = ctypes.create_string_buffer(96)
+            ok = nvml.nvmlSystemGetDriverVersion(buf, ctypes.c_uint(96)) == 0
+            nvml.nvmlShutdown()
+            if ok and buf.value:
+                return buf.value.decode()
+    except (OSError, AttributeError):  # no driver installed, or not Linux
+        pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            m = re.search(r"Kernel Module\s+([0-9][0-9.]*)", f.read())
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
+def cuda_driver_version() -> str | None:
+    """The newest CUDA version the installed driver supports (``cuDriverGetVersion``, e.g. ``12.4``), or None.
+    A torch built for a newer CUDA runtime than this cannot use the GPU."""
+    try:
+        import ctypes
+
+        v = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) == 0 and v.value > 0:
+            return f"{v.value // 1000}.{v.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def accelerator_summary(info: dict) -> str:
+    """One line for ``companion info``: each accelerator's name and memory with the driver and CUDA versions, or
+    ``none: CPU only`` and why (a CPU-only torch build, or a CUDA build that sees no GPU)."""
+    rows = info["accelerators"]
+    if not rows:
+        why = ("torch is a CPU-only build" if info["torch_cuda"] is None
+               else f"torch is built for CUDA {info['torch_cuda']} but sees no GPU (driver: {info['nvidia_driver'] or 'none found'})")
+        return f"none: CPU only ({why})"
+    parts = [f"{r['device']} {r['name']}, {r['memory_bytes'] / 2**30:.1f} GiB"
+             + (f", compute capability {r['compute_capability']}" if r["compute_capability"] else "") for r in rows]
+    if rows[0]["device"].startswith("cuda"):
+        parts.append(f"driver {info['nvidia_driver'] or 'unknown'} (supports CUDA {info['cuda_driver'] or 'unknown'}), "
+                     f"torch built with CUDA {info['torch_cuda']}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- CPU threads

@@ -666,7 +666,18 @@ def evaluate_images(images: torch.Tensor, labels=None, *, metrics=DEFAULT_IMAGE_
     if unknown:
         raise ValueError(f"unknown image metric(s) {unknown}; valid: {', '.join(IMAGE_METRICS)}")
     feats, logits, name = extract(images, feature)
-    ref = _as_reference(reference, name)
+    return evaluate_features(feats, logits, name, labels, metrics=metrics, reference=reference, k=k, n_boot=n_boot, seed=seed)
+
+
+def evaluate_features(feats: torch.Tensor, logits: torch.Tensor, feature: str, labels=None, *, metrics=DEFAULT_IMAGE_METRICS,
+                      reference: str | torch.Tensor | Reference = "train", k: int = DEFAULT_K,
+                      n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, Measurement]:
+    """:func:`evaluate_images` from features and logits already extracted in ``feature``'s space (e.g. gathered
+    from several processes): each requested metric computed once."""
+    unknown = [m for m in metrics if m not in IMAGE_METRICS]
+    if unknown:
+        raise ValueError(f"unknown image metric(s) {unknown}; valid: {', '.join(IMAGE_METRICS)}")
+    ref = _as_reference(reference, feature)
     out: dict[str, Measurement] = {}
     if "fd" in metrics:
         out["fd"] = fd_from_features(feats, ref, n_boot=n_boot, seed=seed, labels=labels)
@@ -676,7 +687,7 @@ def evaluate_images(images: torch.Tensor, labels=None, *, metrics=DEFAULT_IMAGE_
     if "prdc" in metrics:
         out.update(prdc_from_features(feats, ref, k=k, n_boot=n_boot, seed=seed))
     if "class_accuracy" in metrics and labels is not None:
-        out["class_accuracy"] = accuracy_from_logits(logits, labels, name, n_boot=n_boot, seed=seed)
+        out["class_accuracy"] = accuracy_from_logits(logits, labels, feature, n_boot=n_boot, seed=seed)
     return out
 
 
@@ -846,3 +857,13 @@ def class_accuracy_quality(model, result) -> float:
 
 
 class_accuracy_quality.label = "class accuracy (higher is better)"  # the panel's axis and record label
+
+
+def fd_quality(model, result) -> float:
+    """A panel's per-run quality: the bias-corrected FD of the run's images (clamped to [-1, 1] as saved images
+    are) in the bundled feature space for their size, resampled within the classes they were drawn for. Needs a
+    batch of at least ``MIN_SAMPLES["fd"]`` (128); below ~500 its interval is wide (the metrics chapter measures how)."""
+    return frechet_distance(result.images.clamp(-1, 1), labels=result.class_labels).value
+
+
+fd_quality.label = "FD, bias-corrected (lower is better)"

@@ -54,6 +54,7 @@ class DiffusionModel(torch.nn.Module):
     """
 
     kind = "diffusion"
+    scheduler_class = "DDPMScheduler"  # the diffusers class its saved training schedule is read with
 
     def __init__(
         self,
@@ -223,7 +224,7 @@ class DiffusionModel(torch.nn.Module):
             self.vae.save_pretrained(folder / "vae", safe_serialization=True)
         sched = folder / "scheduler"
         sched.mkdir(exist_ok=True)
-        (sched / "scheduler_config.json").write_text(json.dumps(dict(self.scheduler_config, _class_name="DDPMScheduler"), indent=2, sort_keys=True) + "\n")
+        (sched / "scheduler_config.json").write_text(json.dumps(dict(self.scheduler_config, _class_name=self.scheduler_class), indent=2, sort_keys=True) + "\n")
         base = {
             "kind": self.kind,
             "name": self.name,
@@ -249,7 +250,7 @@ class DiffusionModel(torch.nn.Module):
         folder = Path(folder)
         card = assets.verify(folder) if verify else assets.read_card(folder)
         if card.get("kind") != cls.kind:
-            raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not a diffusion model")
+            raise ModelError(f"{folder} holds a {card.get('kind')!r} asset, not a {cls.kind} model")
         _check_card(card, folder)
         unet_cls = getattr(diffusers, card.get("unet_class", "UNet2DModel"), None)
         if unet_cls is None:
@@ -268,6 +269,31 @@ class DiffusionModel(torch.nn.Module):
         )
         model._sha256 = assets.folder_sha256(folder)
         return model
+
+
+# The training schedule of a rectified-flow model: diffusers' flow-matching convention, sigma = t in [0, 1] and the
+# network's timestep t * num_train_timesteps; shift 1 keeps the path linear (x_t = (1 - t) x0 + t noise).
+FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
+
+
+class FlowModel(DiffusionModel):
+    """A rectified-flow (flow-matching) network: it predicts the velocity v = noise - x0 of the linear path
+    x_t = (1 - t) x0 + t noise (Liu et al. 2209.03003; Lipman et al. 2210.02747), at timestep t * 1000.
+
+    It has the :class:`DiffusionModel` interface with ``prediction == "flow"``: :meth:`predict_noise` returns the
+    velocity, which diffusers' flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``, ...) integrate from
+    sigma = 1 to 0; :func:`companion.sampling.sample` runs only the samplers with a flow-matching form on it and
+    refuses the others by name. Guidance combines velocities as it combines eps (both are affine in the score).
+    """
+
+    kind = "flow"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict | None = None, *, prediction: str = "flow", **kwargs):
+        if prediction != "flow":
+            raise ModelError(f"a flow model predicts the velocity (prediction='flow'), got prediction={prediction!r}")
+        super().__init__(unet, dict(scheduler_config or FLOW_SCHEDULE), prediction="epsilon", **kwargs)
+        self.prediction = "flow"  # the velocity passes through predict_noise unconverted
 
 
 CARD_FIELDS = {"sample_shape": list, "image_shape": list, "num_classes": int, "cond_shape": list, "prediction": str,
@@ -342,6 +368,7 @@ def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Mod
 # a new kind is added here (its module is imported above), never registered by an import side effect.
 KINDS: dict[str, Callable[[Path], object]] = {
     DiffusionModel.kind: DiffusionModel.from_folder,
+    FlowModel.kind: FlowModel.from_folder,
     AUTOENCODER_KIND: load_autoencoder,
     nets.NOISY_CLASSIFIER_KIND: nets.NoisyClassifier.from_folder,
     features.KIND: features.load_feature_folder,

@@ -46,10 +46,48 @@ def versions() -> dict:
 
 
 def machine() -> dict:
-    """The hardware a timing was taken on (part of a timing's key, not of a quality's)."""
+    """The host a timing was taken on (part of a timing's key, not of a quality's): the same device in a host with
+    fewer cores or more threads times differently but samples the same."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "gpu": gpu}
+            "cpu_count": os.cpu_count(), "gpu": gpu, "torch_threads": torch.get_num_threads()}
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_identity(device) -> dict:
+    """``{"device_kind", "device_name"}`` of the device a model computes on: what makes its samples bit-identical.
+
+    The same seeds give the same samples only on the same kind of processor running the same kernels, so a quality
+    result is keyed by this (and shared between hosts and ranks that have it); a timing is keyed by it and the host.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        cap = ".".join(map(str, torch.cuda.get_device_capability(index)))
+        return {"device_kind": "cuda", "device_name": f"{torch.cuda.get_device_name(index)} (sm {cap})"}
+    if dev.type == "cpu":
+        return {"device_kind": "cpu", "device_name": cpu_name()}
+    return {"device_kind": dev.type, "device_name": platform.machine() or dev.type}
+
+
+def model_dtype(model) -> str:
+    """The floating-point type of a model's weights as it computes (``float32`` for a model without parameters)."""
+    params = getattr(model, "parameters", None)
+    for p in (params() if callable(params) else ()):
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
 
 
 def _tensor_digest(h, t: torch.Tensor) -> None:

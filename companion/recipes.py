@@ -24,11 +24,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import assets, distill, quality, train
+from . import assets, distill, flows, quality, train
 from .design import DESIGN_MODELS, DESIGN_VARIANTS
 from .features import FeatureNet, train_feature_net
 from .models import load
-from .train import AutoencoderTask, DiffusionTask, LatentTask, NoisyClassifierTask, SRTask
+from .train import AutoencoderTask, DiffusionTask, FlowTask, LatentTask, NoisyClassifierTask, SRTask
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,20 @@ def _design_recipes(base: Recipe) -> list[Recipe]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# rectified flow (companion.flows): digits-cond's data, network, optimisation and number of steps, the linear path
+# ---------------------------------------------------------------------------------------------------------
+def _flow_recipe(base: Recipe) -> Recipe:
+    return Recipe(
+        "digits-flow",
+        "class-conditional rectified-flow UNet on 16x16 digits (linear path, velocity target noise - x0); "
+        f"digits-cond's network and training budget ({base.steps} steps)",
+        # stored in float16 like the design variants: the bundled assets stay under their 60 MB budget
+        FlowTask, dict(base.config, weights_dtype="float16"), steps=base.steps, seed=base.seed,
+        quality=flows.digits_flow_quality,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # distilled students (companion.distill)
 # ---------------------------------------------------------------------------------------------------------
 def _student_recipes() -> list[Recipe]:
@@ -191,7 +205,7 @@ _FEATURES = [
 ]
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType(
-    {r.name: r for r in [*_BASE, *_design_recipes(_BASE[0]), *_student_recipes(), *_FEATURES]})
+    {r.name: r for r in [*_BASE, *_design_recipes(_BASE[0]), _flow_recipe(_BASE[0]), *_student_recipes(), *_FEATURES]})
 
 # Recipe groups: one command that runs several recipes in order.
 GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({

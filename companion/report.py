@@ -91,6 +91,13 @@ def record_table(rec, quality: float | None, quality_label: str, *, times=None, 
         ("speed" if compact else "speed options", str(getattr(rec, "speed", {}).get("label", "fp32"))),
         (quality_label, q),
     ]
+    # a pipeline's text encoders and latent decoder run outside the denoising loop: shown apart, as the cost a
+    # latent model adds at real scale (both are inside the network time above)
+    outside = [(name, s) for name, s in (("text encode", getattr(rec, "encode_s", 0.0)), ("latent decode", getattr(rec, "decode_s", 0.0))) if s]
+    if outside:
+        rows.insert(4, (" / ".join(n for n, _ in outside), " / ".join(f"{1000 * s:.0f} ms" for _, s in outside)))
+    if getattr(rec, "prompt", None):
+        rows.insert(0, ("prompt", str(rec.prompt) if isinstance(rec.prompt, str) else str(rec.prompt[0])))
     value_cell = VALUE_CELL.replace("white-space:nowrap", "white-space:normal") if compact else VALUE_CELL
     cells = "".join(f"<tr><td style='{LABEL_CELL}'>{html.escape(k)}</td><td style='{value_cell}'><b>{html.escape(v)}</b></td></tr>"
                     for k, v in rows)

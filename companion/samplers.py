@@ -159,6 +159,10 @@ class SamplerSpec:
     spacing_default: str | None = None  # for schedulers whose timestep placement is not a timestep_spacing option
     max_steps: int | None = None  # None: up to the model's training steps
     steps_reason: str = ""  # why min_steps / max_steps are what they are (said in the refusal)
+    # On a flow-matching model (velocity on the linear path, companion.models.FlowModel) the same key runs diffusers'
+    # dedicated flow-matching scheduler: its class and the name readers know it by (SD3 / rectified-flow tooling).
+    flow_scheduler: str | None = None
+    flow_name: str | None = None
 
     def expected_nfe(self, steps: int) -> int:
         """Network evaluations per sample for ``steps`` steps (without guidance)."""
@@ -208,11 +212,13 @@ _SPECS = [
           scheduler=LMSDiscreteExact, a1111="LMS", comfyui="lms", order=4,
           note="Adams-Bashforth on the sigma-parametrised ODE; coefficients integrated exactly here"),
     _spec(key="euler", name="Euler", paper="Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models", arxiv="2206.00364",
-          scheduler=EulerDiscreteScheduler, a1111="Euler", comfyui="euler", order=1),
+          scheduler=EulerDiscreteScheduler, a1111="Euler", comfyui="euler", order=1,
+          flow_scheduler="FlowMatchEulerDiscreteScheduler", flow_name="Flow Matching Euler (rectified flow, SD3's default)"),
     _spec(key="euler_a", name="Euler ancestral", paper="Karras et al. / k-diffusion (ancestral sampling)", arxiv="2206.00364",
           scheduler=EulerAncestralDiscreteScheduler, a1111="Euler a", comfyui="euler_ancestral", stochastic=True, spacings=NO_SIGMAS),
     _spec(key="heun", name="Heun", paper="Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models", arxiv="2206.00364",
-          scheduler=HeunDiscreteScheduler, a1111="Heun", comfyui="heun", order=2, nfe_per_step=2),
+          scheduler=HeunDiscreteScheduler, a1111="Heun", comfyui="heun", order=2, nfe_per_step=2,
+          flow_scheduler="FlowMatchHeunDiscreteScheduler", flow_name="Flow Matching Heun"),
     _spec(key="dpm2", name="DPM2", paper="Karras et al. / k-diffusion (DPM-Solver-2 in sigma)", arxiv="2206.00364",
           scheduler=KDPM2DiscreteScheduler, a1111="DPM2", comfyui="dpm_2", order=2, nfe_per_step=2),
     _spec(key="dpm2_a", name="DPM2 ancestral", paper="Karras et al. / k-diffusion (DPM-Solver-2, ancestral)", arxiv="2206.00364",
@@ -316,7 +322,8 @@ def build_scheduler(spec: SamplerSpec | str, scheduler_config: dict, spacing: st
 
 def glossary() -> "pandas.DataFrame":  # noqa: F821
     """One row per sampler: key, names (paper / diffusers / A1111 / ComfyUI), arXiv id, order, NFE per step,
-    deterministic or stochastic, eta, supported spacings and what is special about it."""
+    deterministic or stochastic, eta, supported spacings, what is special about it and its dedicated flow-matching
+    scheduler, if any (what the key runs on a flow-matching model)."""
     import pandas as pd
 
     rows = []
@@ -336,6 +343,7 @@ def glossary() -> "pandas.DataFrame":  # noqa: F821
             "spacings": ", ".join(s.spacings),
             "default spacing": s.default_spacing,
             "note": s.note,
+            "flow-matching form": f"{s.flow_name} ({s.flow_scheduler})" if s.flow_scheduler else "",
         })
     return pd.DataFrame(rows)
 

@@ -198,6 +198,20 @@ def compile_unsupported_reason(device_type: str = "cpu", backend: str = "inducto
     return None
 
 
+def cpu_bf16_reason() -> str | None:
+    """Why bf16 on this CPU would not be native arithmetic, or ``None`` when it has bf16 instructions (AVX512-BF16 or
+    AMX-BF16). Without them PyTorch still runs bf16 autocast, converting in software, which is slower than float32:
+    a measurement of "bf16 speed" there measures the emulation."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError as e:
+        return f"the CPU's instruction flags cannot be read ({e})"
+    if any(f in flags for f in ("avx512_bf16", "amx_bf16")):
+        return None
+    return "this CPU has neither AVX512-BF16 nor AMX-BF16 instructions (bf16 would be emulated in software)"
+
+
 # ----------------------------------------------------------------------------------------- the wrapper
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import assets, data
 from .errors import CheckpointError
-from .models import AUTOENCODER_KIND, DiffusionModel, load
+from .models import AUTOENCODER_KIND, FLOW_SCHEDULE, DiffusionModel, FlowModel, load
 from .nets import NoisyClassifier
 from .schedules import TRAIN_SCHEDULE
 
@@ -167,6 +167,34 @@ class DiffusionTask(Task):
     def save(self, ema, out, card):
         dtype = self.cfg.get("weights_dtype")
         return self.model(ema).save(out, card, weights_dtype=getattr(torch, dtype) if dtype else None)
+
+
+class FlowTask(Task):
+    """A rectified-flow UNet (flow matching with the linear path): x_t = (1 - t) x0 + t noise with t ~ U(0, 1),
+    regressed on the velocity noise - x0; the network sees timestep t * 1000 (diffusers' flow-matching convention).
+    Not a :class:`DiffusionTask`: it has no noise schedule, and no diffusion sampler may run on what it saves."""
+
+    inputs = DiffusionTask.inputs  # the same batches and class dropout as the diffusion models
+
+    def build(self):
+        return UNet2DModel(**self.cfg["unet"])
+
+    def loss(self, g):
+        x0, labels, _ = self.inputs(g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.rand(x0.shape[0], generator=g)
+        tt = t.view(-1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * noise
+        kwargs = {"class_labels": labels} if labels is not None else {}
+        n_train = FLOW_SCHEDULE["num_train_timesteps"]
+        return F.mse_loss(self.net(x_t, t * n_train, **kwargs).sample, noise - x0)
+
+    def model(self, unet) -> FlowModel:
+        c = self.cfg
+        shape = (c["unet"]["out_channels"], c["size"], c["size"])
+        return FlowModel(unet, FLOW_SCHEDULE, name=self.rec.name, sample_shape=shape, num_classes=c.get("num_classes"))
+
+    save = DiffusionTask.save  # float32 weights, or the config's weights_dtype
 
 
 class SRTask(DiffusionTask):

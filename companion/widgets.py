@@ -70,8 +70,10 @@ from . import bench
 from . import schedules as sch
 from .device import pick_device, release_cpu_threads
 from .models import load
+from .pipelines import compatible_samplers
 from .partial import sample_from
 from .caching import DeepCache
+from .quantise import QUANT_MODES, quantise
 from .plots import (AXIS_LABELS, data_range, difference_png, error_html, figure_html, fit_scale, grid_png, png_html,
                     png_size, series_style)
 from .reference import SOLUTIONS, ReferenceDistance, ReferenceSolutions
@@ -441,10 +443,30 @@ def cache_control(value: int = 1) -> w.Dropdown:
                       value=value, description="cache")
 
 
+def quant_control(value: str = "none") -> w.Dropdown:
+    """int8 quantisation of the network (companion.quantise): none, weight-only, dynamic (Linear layers) or static."""
+    choices = ("none",) + QUANT_MODES
+    if value not in choices:
+        raise ValueError(f"quantisation {value!r} is not offered; choose one of {choices}")
+    return w.Dropdown(options=choices, value=value, description="int8")
+
+
+def prompt_control(value: str = "a watercolour painting of a lighthouse") -> w.Text:
+    """The prompt of a text-to-image pipeline (applied on Enter or when the box loses focus)."""
+    return w.Text(value=str(value), description="prompt", continuous_update=False, layout=w.Layout(width="420px"))
+
+
+def negative_prompt_control(value: str = "") -> w.Text:
+    """What guidance steers away from (a pipeline's negative prompt); empty: the unconditional half is the empty prompt."""
+    return w.Text(value=str(value), description="negative", continuous_update=False, layout=w.Layout(width="420px"))
+
+
+TEXT_CONTROLS = ("prompt", "negative_prompt")  # need a model that takes a prompt
+
 CONTROL_FACTORIES: dict[str, Callable[..., w.Widget]] = {
     "sampler": sampler_control, "steps": steps_control, "guidance": guidance_control, "eta": eta_control,
     "spacing": spacing_control, "seed": seed_control, "batch": batch_control, "speed": speed_control,
-    "cache": cache_control,
+    "cache": cache_control, "quant": quant_control, "prompt": prompt_control, "negative_prompt": negative_prompt_control,
 }
 
 
@@ -607,6 +629,7 @@ class ImageDistance:
     def reference_images(self, model, result, cond=None) -> torch.Tensor:
         """The converged solution's images from ``result``'s initial noise (decoded for a latent model)."""
         target = self.teacher if self.teacher is not None else getattr(model, "base", model)
+        target = getattr(target, "original", target)  # a quantised copy is measured against its float network
         yielding(target)
         ref = self.cache.get(target, result.x_T, method="sampler", sampler=self.reference_sampler,
                              steps=self.reference_steps, class_labels=result.class_labels,
@@ -678,6 +701,10 @@ def make_controls(names: Iterable[str], values: dict, models: Mapping[str, Any],
     unknown = set(names) - set(CONTROL_FACTORIES) - {"class"}
     if unknown:
         raise ValueError(f"unknown control(s) {sorted(unknown)}; valid: {sorted(CONTROL_FACTORIES) + ['class']}")
+    texts = [n for n in names if n in TEXT_CONTROLS]
+    if texts and not any(getattr(m, "text_conditional", False) for m in models.values()):
+        raise ValueError(f"control(s) {texts} need a text-conditioned pipeline (companion.load of a diffusers text-to-image "
+                         f"pipeline); {', '.join(models)} take(s) no prompt")
     controls: dict[str, w.Widget] = {}
     for name in names:
         if name == "class":
@@ -699,8 +726,8 @@ def _params_key(p: Mapping) -> tuple:
     return tuple(sorted((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in p.items()))
 
 
-SETTING_NAMES = {"guidance": "w", "class": "class", "seed": "seed", "eta": "eta", "spacing": "spacing", "speed": "speed",
-                 "cache": "cache N",
+SETTING_NAMES = {"prompt": "prompt", "negative_prompt": "negative", "guidance": "w", "class": "class", "seed": "seed", "eta": "eta", "spacing": "spacing", "speed": "speed",
+                 "cache": "cache N", "quant": "int8",
                  "batch": "batch"}
 
 
@@ -747,6 +774,8 @@ class SamplingSetup:
 
     def sample_kwargs(self, p: Mapping) -> tuple[Any, dict]:
         model = self.model(p)
+        if p.get("quant", "none") != "none":  # quantised first: the speed options then act on the int8 network
+            model = self.quantised(model, p["quant"])
         if p.get("speed", "fp32") != "fp32":
             model = self.accelerated(model, p["speed"])
         kw = {k: p[k] for k in ("sampler", "steps", "seed", "batch", "spacing") if k in p}
@@ -760,6 +789,12 @@ class SamplingSetup:
             kw["eta"] = p["eta"]
         if p.get("cache", 1) != 1:  # a fresh cache per call: it counts calls and keeps features for one run
             kw["wrap"] = DeepCache(model, p["cache"])
+        if getattr(model, "text_conditional", False):
+            for name in TEXT_CONTROLS:
+                if p.get(name):
+                    kw[name] = p[name]
+            if "guidance" in p:
+                kw["guidance"] = p["guidance"]
         if model.conditional:
             cls = p.get("class", -1)
             kw["class_labels"] = torch.arange(kw["batch"]) % model.num_classes if cls in (-1, None) else torch.full((kw["batch"],), int(cls))
@@ -772,6 +807,13 @@ class SamplingSetup:
         key = (id(model), label)
         if key not in self._speed_cache:
             self._speed_cache[key] = accelerate(model, SpeedOptions.from_label(label))
+        return self._speed_cache[key]
+
+    def quantised(self, model, mode: str):
+        """One quantised copy per (model, mode): static calibration runs once, not every run."""
+        key = (id(model), "quant", mode)
+        if key not in self._speed_cache:
+            self._speed_cache[key] = quantise(model, mode)
         return self._speed_cache[key]
 
     def warm_up(self, model, kw: dict) -> bool:
@@ -857,7 +899,11 @@ class SamplingSetup:
                 f"<br>wall {timing_text(run.times)}<br>{html.escape(self.quality_short)}: {q}")
 
     def sync_enabled(self, controls: Mapping[str, w.Widget], p: Mapping, quiet: _Quiet) -> None:
-        """Disable controls the current sampler/model cannot use (e.g. eta for a sampler without it)."""
+        """Disable controls the current sampler/model cannot use (e.g. eta for a sampler without it); offer only the
+        samplers that fit the current model (a flow-matching model runs those with a flow-matching form)."""
+        if "sampler" in controls:
+            self._fit_samplers(controls["sampler"], self.model(p), quiet)
+            p = dict(p, sampler=controls["sampler"].value)
         spec = REGISTRY[p.get("sampler", "dpmpp_2m")]
         if "eta" in controls:
             controls["eta"].disabled = not spec.has_eta
@@ -873,6 +919,18 @@ class SamplingSetup:
         for name in ("guidance", "class"):
             if name in controls:
                 controls[name].disabled = not model.conditional
+
+    @staticmethod
+    def _fit_samplers(control: w.Dropdown, model, quiet: _Quiet) -> None:
+        every = control.__dict__.setdefault("_every_option", tuple(control.options))  # the list it was built with
+        fits = set(compatible_samplers(model))
+        allowed = tuple(o for o in every if (o[1] if isinstance(o, tuple) else o) in fits)
+        if tuple(control.options) != allowed:
+            with quiet:
+                keep = control.value
+                control.options = allowed
+                values = [o[1] if isinstance(o, tuple) else o for o in allowed]
+                control.value = keep if keep in values else ("euler" if "euler" in values else values[0])
 
 
 class Curve:

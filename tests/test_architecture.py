@@ -22,11 +22,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "pipelines"),                                 # the diffusion-model interface and the one loader; pipelines
     ("denoiser",),                                           # the one guided network call and the run record
     ("sampling",),                                           # diffusers' scheduler loop: sample(), cascade()
-    ("sde", "partial", "reference"),                         # other chains; reference solutions
+    ("sde", "partial", "reference", "quantise"),             # other chains; reference solutions; int8 networks
     ("metrics",),                                            # quality with intervals
-    ("bench", "design", "orders", "verdicts"),               # sweeps, costs, measured orders; rules stated before a run
-    ("train", "distill", "quality", "recipes"),              # training and what it records on the cards
-    ("plots", "report", "exercises", "offline"),             # figures, images and tables for readers; self-checks; offline views
+    ("calibration",),                                        # metrics checked on populations with known answers
+    ("bench", "sharding", "design", "orders", "verdicts"),   # sweeps (over ranks too), costs, measured orders; rules stated before a run
+    ("train", "distill", "quality", "flows", "recipes"),     # training and what it records on the cards; rectified flow
+    ("plots", "report", "exercises", "offline", "implement", "diagrams", "book"),  # figures, images and tables for readers; self-checks; offline views; implement-it graders; drawn diagrams; the static site
     ("widgets",),                                            # the panels
     ("cli", "__init__", "__main__"),                         # entry points
 ]

@@ -118,3 +118,22 @@ def test_two_threads_writing_one_key_never_fail(tmp_path):
             t.join()
     assert errors == []
     assert cache.get("same-key", config)["nfe"] in {149, 1149}
+
+
+def test_the_host_changes_the_timing_key_and_the_device_changes_both(tmp_path, monkeypatch):
+    """Another host with the same device: new timings (cache miss), the same samples (same quality key and values).
+    Another device name: a new quality key, never served from the first device's rows."""
+    model = tiny_model()
+    first = run(model, tmp_path)
+    here = provenance.cpu_name()
+    real = provenance.machine()
+    monkeypatch.setattr(bench, "machine", lambda: dict(real, cpu_count=real["cpu_count"] + 64, torch_threads=17))
+    other_host = run(model, tmp_path)
+    assert not other_host["cached"] and other_host["cache_key"] != first["cache_key"]
+    assert other_host["quality_key"] == first["quality_key"] and other_host["class_accuracy"] == first["class_accuracy"]
+    monkeypatch.undo()
+    monkeypatch.setattr(provenance, "cpu_name", lambda: "Another CPU")
+    other_device = run(model, tmp_path)
+    assert not other_device["cached"] and other_device["quality_key"] != first["quality_key"]
+    assert other_device["device_name"] == "Another CPU" and first["device_name"] == here
+    assert first["device_kind"] == "cpu" and first["dtype"] == "float32"

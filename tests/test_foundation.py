@@ -56,11 +56,22 @@ def test_ci_calls_the_readme_test_command():
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
 
-def test_torch_is_pinned_exactly():
-    # an open range lets pip choose a multi-GB CUDA build on machines without a GPU
+def test_torch_is_a_lower_bound_that_run_py_satisfies():
+    # a lower bound keeps a torch that is already installed (Colab, GPU images); run.py pre-installs a build in the
+    # range (CPU without a GPU) so pip never has to pick one, which would be a multi-GB CUDA build
+    import importlib.util
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = importlib.util.spec_from_file_location("run", ROOT / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_req = [d for d in deps if _req_name(d)[0] == "torch"]
-    assert torch_req and _req_name(torch_req[0])[1].startswith("==")
+    assert torch_req and _req_name(torch_req[0])[1].startswith(">=") and "<" not in torch_req[0]
+    assert run.torch_requirement() == _req_name(torch_req[0])[1]
+    assert run.TORCH_VERSION in SpecifierSet(run.torch_requirement())
     banned = {"torchvision", "torch-fidelity"}
     assert not banned & {_req_name(d)[0] for d in deps}
     assert not any("torchmetrics[" in d for d in deps)

@@ -24,71 +24,14 @@ import pytest
 import torch
 
 from companion import metrics as M
+from companion.calibration import (D, closed_form_fd, cubic_kernel_mean, digits_like_gaussians as gaussians, draw, hits,
+                                   population_mmd2)
 
-D = 64
 N_REF = 1438
 SIZES = (128, 256)
 TRIALS = 100
 N_BOOT = 100
 MIN_HITS = 90  # of TRIALS
-# The bundled digits features' largest covariance eigenvalues (rounded); their tail falls from 0.045 to 0.002
-# (and 20 dead features), here a geometric tail from 0.045 keeps the covariance full rank.
-TOP_EIGENVALUES = (30.65, 19.30, 12.91, 8.06, 6.56, 4.36, 1.39, 0.75, 0.47, 0.28, 0.076)
-
-
-def _float(*shape, g):
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-
-def gaussians(seed: int = 0):
-    """(reference (mu, cov), generated (mu, cov)): the generated mean is moved along the top directions, its
-    variances are off by up to +-10 % and its axes turned slightly; FD ~ 4.4, on the order of the chapters' gaps."""
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(_float(D, D, g=g))
-    q = q * torch.sign(torch.diagonal(r))
-    tail = 0.045 * 0.9 ** torch.arange(D - len(TOP_EIGENVALUES), dtype=torch.float64)
-    lam = torch.cat([torch.tensor(TOP_EIGENVALUES, dtype=torch.float64), tail])
-    mu = 0.5 + 1.5 * torch.rand(D, generator=g, dtype=torch.float64)
-    mu_f = mu + q[:, :3] @ torch.tensor([0.8, -0.5, 0.33], dtype=torch.float64)
-    scale = 1 + 0.1 * (2 * torch.rand(D, generator=g, dtype=torch.float64) - 1)
-    a = _float(D, D, g=g)
-    q_f = torch.linalg.matrix_exp(0.02 * (a - a.T)) @ q
-    return (mu, (q * lam) @ q.T), (mu_f, (q_f * (lam * scale)) @ q_f.T)
-
-
-def _psd_sqrt(s):
-    e, v = torch.linalg.eigh(s)
-    return (v * e.clamp_min(0).sqrt()) @ v.T
-
-
-def closed_form_fd(p, q) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)."""
-    (mu1, s1), (mu2, s2) = p, q
-    r = _psd_sqrt(s1)
-    cross = _psd_sqrt(r @ s2 @ r).trace()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross)
-
-
-def cubic_kernel_mean(p, q) -> float:
-    """E (X.Y/d + 1)^3 for independent X ~ N(a, A), Y ~ N(b, B), from the normal moments of X.Y given Y:
-    E[X.Y | Y] = a.Y = s, E[(X.Y)^2 | Y] = s^2 + Y^T A Y, E[(X.Y)^3 | Y] = s^3 + 3 s Y^T A Y."""
-    (a, big_a), (b, big_b) = p, q
-    m, v = a @ b, a @ big_b @ a  # s ~ N(m, v)
-    quad = b @ big_a @ b + (big_a * big_b).sum()  # E[Y^T A Y]
-    e1 = m / D
-    e2 = (m * m + v + quad) / D**2
-    e3 = (m**3 + 3 * m * v + 3 * (m * quad + 2 * a @ big_b @ big_a @ b)) / D**3
-    return float(1 + 3 * e1 + 3 * e2 + e3)
-
-
-def population_mmd2(p, q) -> float:
-    """MMD^2 of the cubic kernel between N(p) and N(q): what KID estimates."""
-    return cubic_kernel_mean(p, p) + cubic_kernel_mean(q, q) - 2 * cubic_kernel_mean(p, q)
-
-
-def draw(p, n: int, g) -> torch.Tensor:
-    mu, s = p
-    return mu + _float(n, D, g=g) @ torch.linalg.cholesky(s).T
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +54,6 @@ def trials(populations):
                 found["fd", n, identical].append(M.fd_from_features(x, ref, n_boot=N_BOOT, seed=t))
                 found["kid", n, identical].append(M.kid_from_features(x, ref, n_boot=N_BOOT, seed=t))
     return found
-
-
-def hits(measurements, truth: float) -> int:
-    return sum(m.low <= truth <= m.high for m in measurements)
 
 
 def test_closed_forms():

@@ -487,3 +487,31 @@ def test_a_hub_lora_that_cannot_be_fetched_says_why(folders, hf_offline):
     with pytest.raises(ModelError, match=r"LoRA 'someone/absent-lora' is neither a local file or folder nor in the Hugging "
                                          r"Face cache, and cannot be fetched \(HF_HUB_OFFLINE is set\)"):
         load(folders["sd"], lora="someone/absent-lora")
+
+
+# ------------------------------------------------------------------------------------------------ the panel with a prompt
+def test_panel_with_a_prompt_drives_a_pipeline_and_shows_encode_and_decode_apart(models):
+    from companion.widgets import SamplerPanel
+
+    model = models["sd"]
+    p = SamplerPanel(model, controls=("prompt", "negative_prompt", "guidance", "steps"),
+                     defaults={"sampler": "euler", "steps": 2, "batch": 2, "prompt": "a cat", "guidance": 3.0},
+                     quality=lambda m, r: float(r.images.abs().mean()), quality_label="mean |x|", repeats=1)
+    first = p.history[-1].result.record
+    assert first.prompt == "a cat" and first.negative_prompt is None and first.nfe == 4  # CFG: both halves
+    assert first.encode_s > 0 and first.decode_s > 0
+    assert "text encode / latent decode" in p.record.value and "a cat" in p.record.value
+    p.controls["prompt"].value = "a red dog"
+    assert p.wait(120)
+    assert p.history[-1].result.record.prompt == "a red dog"
+    assert not torch.equal(p.history[-1].result.images, p.history[-2].result.images)  # the prompt reaches the network
+    p.controls["negative_prompt"].value = "blurry"
+    assert p.wait(120)
+    assert p.history[-1].result.record.negative_prompt == "blurry"
+
+
+def test_a_prompt_control_on_a_model_without_text_is_refused(models):
+    from companion.widgets import SamplerPanel
+
+    with pytest.raises(ValueError, match=r"need a text-conditioned pipeline.*take\(s\) no prompt"):
+        SamplerPanel(models["ldm"], controls=("prompt", "steps"), defaults={"sampler": "ddim", "steps": 2, "batch": 1})
