@@ -32,7 +32,7 @@ from .oracle import toy_mixture
 from .orders import convergence_order
 from .offline import export_html, pre_save_hook, static_view  # noqa: F401  (static_view: used by tests and the book)
 from .plots import html_report
-from .provenance import machine, versions
+from .provenance import device_identity, machine, versions
 from .train import TRAIN_THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -582,6 +582,60 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def add_quality(subparsers) -> argparse.ArgumentParser:
+    """Add ``quality``: :func:`companion.sharding.sharded_quality` from the command line, in one process or under
+    ``accelerate launch`` (the chunks of the sample set dealt to the processes, the metrics computed once)."""
+    p = subparsers.add_parser("quality", help="image metrics of N samples of one model and sampler, drawn by every process of a launch",
+                              description="Draw N samples in chunks (chunk c always from seed (seed, c), so the samples are the "
+                                          "same whatever the number of processes), extract features on each process, gather "
+                                          "them on the main process, compute each metric once and write a JSON file. Under "
+                                          "`accelerate launch` (or torchrun) the chunks are shared between the processes.")
+    p.add_argument("--model", required=True, help="bundled model name or asset folder")
+    p.add_argument("--sampler", required=True, help="registry sampler, e.g. dpmpp_2m")
+    p.add_argument("--steps", type=int, required=True, help="sampler steps")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample set (default 0)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: unguided)")
+    p.add_argument("--metrics", type=lambda s: _csv(s, str, "metric"), default=["fd", "prdc", "class_accuracy"],
+                   help="comma-separated image metrics (default fd,prdc,class_accuracy)")
+    p.add_argument("--chunk", type=int, default=sharding.CHUNK,
+                   help=f"samples per chunk (default {sharding.CHUNK}); part of what the samples are")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (under a launcher: cuda = each process's own GPU)")
+    p.add_argument("--out", required=True, help="JSON file the main process writes")
+    p.set_defaults(func=cmd_quality)
+    return p
+
+
+def cmd_quality(args) -> int:
+    t0 = time.perf_counter()
+    state = None
+    try:
+        state = sharding.state_for(args.device)
+        device = sharding.rank_device(state, args.device)
+        model = load(args.model, device=device)
+        kw = {} if args.guidance is None else {"guidance": args.guidance}
+        got = sharding.sharded_quality(model, args.sampler, args.steps, args.n, args.seed, metrics=tuple(args.metrics),
+                                       state=state, chunk=args.chunk, **kw)
+    except (ModelError, ValueError, TypeError, KeyError, sharding.LaunchError, DeviceError) as e:
+        rank = f" (rank {state.process_index})" if state is not None and state.num_processes > 1 else ""
+        print(f"error{rank}: {e}", file=sys.stderr)
+        return 2
+    if got is None:  # not the main process: its features went to the main process
+        return 0
+    result = {"model": model.name, "sampler": args.sampler, "steps": args.steps, "n": args.n, "seed": args.seed,
+              "chunk": args.chunk, "guidance": args.guidance, "processes": state.num_processes, **device_identity(device),
+              "seconds": time.perf_counter() - t0, "measurements": {k: m.as_dict() for k, m in got["measurements"].items()}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)  # written whole: never a partial file
+    for m in got["measurements"].values():
+        print(m)
+    print(f"{args.n} samples on {state.num_processes} process(es) in {result['seconds']:.1f} s; wrote {out}")
+    return 0
+
+
 def cmd_bench_merge(args) -> int:
     out = Path(args.merge_out)
     try:
@@ -692,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train(sub)
     add_bench(sub)
+    add_quality(sub)
     add_order(sub)
     return p
 

@@ -217,3 +217,34 @@ def test_uneven_splits_and_bad_launches(models, tmp_path):
     assert main(["bench", "--model", models[0], "--steps", "2", "--out", str(tmp_path / "o"),
                  "--model", "no-such-model", *ARGS]) == 2
     assert not (tmp_path / "o" / "bench.csv").exists()
+
+
+def test_companion_quality_under_two_ranks_measures_the_same_samples_as_one_process(models, snapshot, tmp_path):
+    """Sharded sampling end to end: two launched CPU ranks each draw half the chunks, the main rank gathers the
+    features and computes FD and class accuracy once; one process drawing every chunk gets the same numbers."""
+    args = ["quality", "--model", models[0], "--sampler", "ddim", "--steps", "2", "--n", "128", "--chunk", "32",
+            "--metrics", "fd,class_accuracy", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "companion", *args, "--out", str(tmp_path / "two.json")]
+    env = dict(os.environ, COMPANION_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(snapshot), COMPANION_ASSETS=str(REPO / "assets"))
+    proc = subprocess.Popen(cmd, cwd=snapshot, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    finish(proc)
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert set(one["measurements"]) == set(two["measurements"]) == {"fd", "class_accuracy"}
+    for name, m in one["measurements"].items():
+        other = two["measurements"][name]
+        assert other["n"] == m["n"] == 128
+        for k in ("value", "low", "high"):  # the same samples and features; only thread scheduling may differ
+            assert other[k] == pytest.approx(m[k], rel=1e-5, abs=1e-6), (name, k)
+
+
+def test_companion_quality_refuses_bad_input_in_one_line(models, tmp_path, capsys):
+    assert main(["quality", "--model", models[0], "--sampler", "nope", "--steps", "2", "--n", "128",
+                 "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "ddim" in err  # names the bad sampler and the valid ones
+    assert not (tmp_path / "x.json").exists()
