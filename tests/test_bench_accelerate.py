@@ -23,6 +23,8 @@ from test_bench import tiny_model  # the same small random conditional UNet the 
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = ["class_accuracy", "class_accuracy_low", "class_accuracy_high", "class_accuracy_n"]
+# one torch thread here as in the launched ranks: the thread count is part of a run's cache key (it changes timings)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = ["--samplers", "ddim", "--n-samples", "32", "--metrics", "class_accuracy", "--device", "cpu", "--no-progress"]
 
 

@@ -55,6 +55,7 @@ def lab_server(tmp_path_factory) -> lab.LabServer:
     tmp = tmp_path_factory.mktemp("jupyterlab")
     root = tmp / "serve"
     lab.copy_tree(lab.NOTEBOOKS, root / "notebooks")
+    lab.copy_tree(lab.ROOT / "assets" / "diagrams", root / "assets" / "diagrams")  # the chapters' ../assets/diagrams images
     lab.copy_tree(FIXTURES, root / "e2e")
     for name, (old, new) in BROKEN_VARIANTS.items():
         _write_variant(FIXTURES / "panel.ipynb", root / "e2e" / name, old, new)
