@@ -81,3 +81,46 @@ def tiny_unet():
     """The builder of small random-init UNets for sampler/speed tests: ``tiny_unet(in_channels=1, out_channels=1,
     num_class_embeds=None, size=8, seed=0, *, channels=(16, 32), attention_at=(), mid_attention=True)``."""
     return _build_tiny_unet
+
+
+# ----------------------------------------------------------------------------- one real browser per session
+# The JupyterLab tests (tests/e2e) and the book's tests share it: Playwright's sync API cannot be started twice in one
+# process, so a second fixture of its own would fail whenever both sets run in one pytest session.
+@pytest.fixture(scope="session")
+def chromium():
+    path, why = _browser_driver().ensure_chromium()
+    if path is None:
+        pytest.skip(f"real-browser tests need Chromium: {why}")
+    return path
+
+
+def _browser_driver():
+    import sys
+    from pathlib import Path
+
+    e2e = str(Path(__file__).resolve().parent / "e2e")
+    if e2e not in sys.path:
+        sys.path.insert(0, e2e)
+    import jupyterlab_driver
+
+    return jupyterlab_driver
+
+
+@pytest.fixture(scope="session")
+def browser(chromium, tmp_path_factory):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the real-browser tests need the 'playwright' pip package: .venv/bin/pip install -e '.[test]'")
+    tmp = tmp_path_factory.mktemp("chromium")
+    proc, endpoint = _browser_driver().start_chromium(chromium, tmp / "profile")
+    pw = None
+    try:
+        pw = sync_playwright().start()
+        browser = pw.chromium.connect_over_cdp(endpoint)
+        yield browser
+        browser.close()
+    finally:
+        _browser_driver().stop_group(proc)
+        if pw is not None:
+            pw.stop()

@@ -154,26 +154,6 @@ def serve(html: Path, log: Path):
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    path, why = lab.ensure_chromium()
-    if path is None:
-        pytest.skip(f"the book's browser test needs Chromium: {why}")
-    from playwright.sync_api import sync_playwright
-
-    proc, endpoint = lab.start_chromium(path, tmp_path_factory.mktemp("chromium") / "profile")
-    pw = None
-    try:
-        pw = sync_playwright().start()
-        chromium = pw.chromium.connect_over_cdp(endpoint)
-        yield chromium
-        chromium.close()
-    finally:
-        lab.stop_group(proc)
-        if pw is not None:
-            pw.stop()
-
-
 def _anchor_exists(html_file: Path, fragment: str) -> bool:
     return re.search(rf"""\bid=["']{re.escape(fragment)}["']""", html_file.read_text(encoding="utf-8")) is not None
 

@@ -43,14 +43,6 @@ def _write_variant(src: Path, dst: Path, old: str, new: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def chromium() -> Path:
-    path, why = lab.ensure_chromium()
-    if path is None:
-        pytest.skip(f"real-browser tests need Chromium: {why}")
-    return path
-
-
-@pytest.fixture(scope="session")
 def lab_server(tmp_path_factory) -> lab.LabServer:
     tmp = tmp_path_factory.mktemp("jupyterlab")
     root = tmp / "serve"
@@ -65,26 +57,6 @@ def lab_server(tmp_path_factory) -> lab.LabServer:
     finally:
         lab.stop_group(server.proc)
         lab.stop_kernels_of(tmp / "runtime")
-
-
-@pytest.fixture(scope="session")
-def browser(chromium, tmp_path_factory):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the real-browser tests need the 'playwright' pip package: .venv/bin/pip install -e '.[test]'")
-    tmp = tmp_path_factory.mktemp("chromium")
-    proc, endpoint = lab.start_chromium(chromium, tmp / "profile")
-    pw = None
-    try:
-        pw = sync_playwright().start()
-        browser = pw.chromium.connect_over_cdp(endpoint)
-        yield browser
-        browser.close()
-    finally:
-        lab.stop_group(proc)
-        if pw is not None:
-            pw.stop()
 
 
 class LabPage:
