@@ -183,6 +183,16 @@ def distance_to_reference(model, sampler: str, steps: int, *, batch: int = 8, se
     return ReferenceDistance(teacher)(model, res)
 
 
+def spacing_gap(model, sampler: str, spacing: str, baseline: str, **kwargs) -> Callable[[int], float]:
+    """``steps -> distance_to_reference(spacing) - distance_to_reference(baseline)`` for one sampler: below 0 where
+    ``spacing`` lands closer to the converged reference than ``baseline`` at that step count (the measure
+    :func:`check_smallest` judges). ``kwargs`` go to :func:`distance_to_reference` (batch, seed, guidance)."""
+    def gap(steps: int) -> float:
+        return (distance_to_reference(model, sampler, steps, spacing=spacing, **kwargs)
+                - distance_to_reference(model, sampler, steps, spacing=baseline, **kwargs))
+    return gap
+
+
 def readable_fraction(images: torch.Tensor, labels: torch.Tensor, t: int, *, schedule: str = "linear", seed: int = 0,
                       classifier=None) -> float:
     """Fraction of ``images`` that a classifier still assigns to their ``labels`` after the forward process has

@@ -30,7 +30,6 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy.integrate import solve_ivp
 
 from . import metrics
@@ -41,7 +40,7 @@ from .models import FLOW_SCHEDULE
 from .oracle import GaussianMixtureOracle, toy_mixture
 from .orders import NOMINAL, fit_order, verdict
 from .pipelines import check_flow_sampler, flow_scheduler
-from .quality import _bundled, digits_reference_classifier, measurement_dict
+from .quality import digits_class_quality
 from .sampling import SamplingError, sample, scheduler_loop
 from .verdicts import judge
 
@@ -423,21 +422,8 @@ def flow_samples(model, n: int, *, sampler: str = FLOW_EVAL_SAMPLER, steps: int 
 
 
 def digits_flow_quality(model, progress, guidances=(1.0, 2.0, 3.0)) -> dict:
-    """The card measurement of a class-conditional flow model on digits, as :func:`companion.quality.digits_cond`
-    measures digits-cond: class accuracy by the held-out judge and by features-digits, FD of 500 class-guided samples
-    (50 per class) at each guidance scale, and the share of pixels outside [-1.05, 1.05] (before clamping)."""
-    clf, test_acc = digits_reference_classifier()
+    """The card measurement of a class-conditional flow model on digits, as digits-cond's
+    (:func:`companion.quality.digits_class_quality`), from FlowMatch Euler samples, with the out-of-range share."""
     labels = torch.arange(10).repeat_interleave(50)
-    out = {"judge": "logistic regression on 8x8-pooled train digits", "judge_test_accuracy": round(test_acc, 4),
-           "sampler": f"FlowMatch Euler ({FLOW_EVAL_SAMPLER}), {FLOW_EVAL_STEPS} steps", "n_samples": len(labels)}
-    for guidance in guidances:
-        imgs = flow_samples(model, len(labels), guidance=guidance, class_labels=labels, seed=1)
-        key = f"g{guidance:g}"
-        out[f"out_of_range_fraction_{key}"] = round(float((imgs.abs() > 1.05).float().mean()), 5)
-        imgs = imgs.clamp(-1, 1)
-        pred = clf.predict(F.avg_pool2d(imgs, 2).flatten(1).numpy())
-        out[f"cfg_accuracy_{key}"] = round(float((pred == labels.numpy()).mean()), 4)
-        if _bundled("features-digits"):
-            out[f"features_digits_accuracy_{key}"] = measurement_dict(metrics.class_accuracy(imgs, labels, feature="features-digits"))
-            out[f"fd_features_digits_{key}"] = measurement_dict(metrics.frechet_distance(imgs, "train", feature="features-digits"))
-    return out
+    return digits_class_quality(lambda g: flow_samples(model, len(labels), guidance=g, class_labels=labels, seed=1), labels,
+                                f"FlowMatch Euler ({FLOW_EVAL_SAMPLER}), {FLOW_EVAL_STEPS} steps", guidances, out_of_range=True)

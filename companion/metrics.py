@@ -89,6 +89,10 @@ class Measurement:
         """Whether the two intervals share any value."""
         return self.low <= other.high and other.low <= self.high
 
+    def short(self, digits: int = 3) -> str:
+        """``"value [low, high]"`` with ``digits`` significant digits: a table cell."""
+        return f"{self.value:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}]"
+
     def __repr__(self) -> str:
         space = f", {self.feature}" if self.feature else ""
         return f"{self.name} = {self.value:.4g} [{self.low:.4g}, {self.high:.4g}] (n={self.n}{space})"

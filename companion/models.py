@@ -27,7 +27,7 @@ from . import assets, features, nets, pipelines
 from .assets import HUB_TIMEOUT_S
 from .device import pick_device
 from .errors import ModelError  # noqa: F401  (raised here; defined with the others)
-from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
+from .schedules import PREDICTIONS, TRAIN_SCHEDULE, eps_from_v, eps_from_x0, sigma_map  # noqa: F401  (TRAIN_SCHEDULE: read here by callers)
 
 
 
@@ -46,7 +46,8 @@ class DiffusionModel(torch.nn.Module):
     vae: optional autoencoder (diffusers ``AutoencoderKL``/``VQModel``) for latent models.
     latent_mean, latent_std: per-channel latent standardisation (latent = (vae_latent - mean) / std).
     cond_shape: (C, H, W) of the low-resolution conditioning image of a super-resolution stage, else ``None``.
-    prediction: what the network outputs: ``"epsilon"`` (the noise) or ``"v_prediction"`` (v = alpha eps -
+    prediction: what the network outputs: ``"epsilon"`` (the noise), ``"sample"`` (x0; converted to eps by dividing
+        by sigma, so its errors grow without bound as sigma -> 0) or ``"v_prediction"`` (v = alpha eps -
         sigma_vp x0, used by distilled few-step students: eps-prediction is ill-conditioned for x0 at the
         noisiest step, where alpha ~ 0.006). :meth:`predict_noise` always returns eps, so samplers see one
         interface.
@@ -169,6 +170,9 @@ class DiffusionModel(torch.nn.Module):
         if self.prediction == "v_prediction":
             alpha, sigma = self.alpha_sigma(t, x_t)
             out = eps_from_v(out, x_t, alpha, sigma)
+        elif self.prediction == "sample":
+            alpha, sigma = self.alpha_sigma(t, x_t)
+            out = eps_from_x0(out, x_t, alpha, sigma)
         return out
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

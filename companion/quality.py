@@ -67,24 +67,33 @@ def digits_reference_classifier():
     return clf, acc
 
 
-def digits_cond(model, progress, guidances=(1.0, 2.0, 3.0)):
-    """Class accuracy (judged by :func:`digits_reference_classifier` and by features-digits) and FD of 500
-    class-guided DDIM samples (50 per class) at each guidance scale."""
+def digits_class_quality(samples, labels: torch.Tensor, sampler: str, guidances, *, out_of_range: bool = False) -> dict:
+    """The card measurement of a class-conditional digits model: class accuracy judged by
+    :func:`digits_reference_classifier` and by features-digits, and FD, of the images ``samples(guidance)`` drawn for
+    ``labels`` at each guidance scale (``sampler`` names how they were drawn). ``out_of_range``: also the share of
+    pixels outside [-1.05, 1.05] before clamping (a model whose samples leave the data range)."""
     clf, test_acc = digits_reference_classifier()
-    labels = torch.arange(10).repeat_interleave(50)
     out = {"judge": "logistic regression on 8x8-pooled train digits", "judge_test_accuracy": round(test_acc, 4),
-           "sampler": "DDIM, 50 steps, trailing spacing", "n_samples": len(labels)}
+           "sampler": sampler, "n_samples": len(labels)}
     for guidance in guidances:
-        imgs = ddim_samples(model, len(labels), steps=50, guidance=guidance, class_labels=labels, seed=1)
-        pred = clf.predict(F.avg_pool2d(imgs.clamp(-1, 1), 2).flatten(1).numpy())
+        imgs = samples(guidance)
         key = f"g{guidance:g}"
+        if out_of_range:
+            out[f"out_of_range_fraction_{key}"] = round(float((imgs.abs() > 1.05).float().mean()), 5)
+        imgs = imgs.clamp(-1, 1)
+        pred = clf.predict(F.avg_pool2d(imgs, 2).flatten(1).numpy())
         out[f"cfg_accuracy_{key}"] = round(float((pred == labels.numpy()).mean()), 4)
         if _bundled("features-digits"):
-            acc = metrics.class_accuracy(imgs.clamp(-1, 1), labels, feature="features-digits")
-            fd = metrics.frechet_distance(imgs.clamp(-1, 1), "train", feature="features-digits")
-            out[f"features_digits_accuracy_{key}"] = measurement_dict(acc)
-            out[f"fd_features_digits_{key}"] = measurement_dict(fd)
+            out[f"features_digits_accuracy_{key}"] = measurement_dict(metrics.class_accuracy(imgs, labels, feature="features-digits"))
+            out[f"fd_features_digits_{key}"] = measurement_dict(metrics.frechet_distance(imgs, "train", feature="features-digits"))
     return out
+
+
+def digits_cond(model, progress, guidances=(1.0, 2.0, 3.0)):
+    """:func:`digits_class_quality` of 500 class-guided DDIM samples (50 per class) at each guidance scale."""
+    labels = torch.arange(10).repeat_interleave(50)
+    return digits_class_quality(lambda g: ddim_samples(model, len(labels), steps=50, guidance=g, class_labels=labels, seed=1),
+                                labels, "DDIM, 50 steps, trailing spacing", guidances)
 
 
 def noisy_classifier(model, progress):

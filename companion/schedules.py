@@ -31,8 +31,6 @@ TRAIN_SCHEDULE = {
     "clip_sample": False,
 }
 
-# What a bundled network predicts (the companion's models convert to eps before any sampler sees them).
-PREDICTIONS = ("epsilon", "v_prediction")
 
 SCHEDULES = {
     "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
@@ -40,6 +38,8 @@ SCHEDULES = {
     "cosine": dict(beta_schedule="squaredcos_cap_v2"),
 }
 PARAMETERISATIONS = ("epsilon", "sample", "v_prediction")
+# What a companion network may predict: any parameterisation (the models convert to eps before a sampler sees it).
+PREDICTIONS = PARAMETERISATIONS
 
 
 def alphas_cumprod(schedule: str | dict = "linear", num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -185,6 +185,11 @@ def x0_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: to
 def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """eps = sigma x_t + alpha v (VP scaling)."""
     return sigma * x_t + alpha * v
+
+
+def eps_from_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - alpha x0) / sigma (VP scaling): an x0-predicting network's output as noise."""
+    return (x_t - alpha * x0) / sigma
 
 
 def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, sqrt_one_minus_abar: float) -> torch.Tensor:

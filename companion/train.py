@@ -363,7 +363,7 @@ def _load_into(module: torch.nn.Module, tensors: dict, prefix: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # the training loop
 # ---------------------------------------------------------------------------------------------------------
-def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
     # warm-up: average over roughly the steps seen so far until the nominal horizon is reached
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -509,7 +509,7 @@ def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, la
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        _ema_update(ema, net, cfg["ema"], step)
+        ema_update(ema, net, cfg["ema"], step)
         losses.append(float(loss.detach()))
         state["step"] = step + 1
         state["seconds"] = time.perf_counter() - t_start

@@ -67,6 +67,7 @@ import plotly.graph_objects as go
 import torch
 
 from . import bench
+from . import quicktrain
 from . import schedules as sch
 from .device import pick_device, release_cpu_threads
 from .models import load
@@ -1741,6 +1742,114 @@ class SweepView(_Panel):
     def static_html(self) -> str:
         return ("<div>" + f"<div>{self.status.value}</div>" + self.error.value + figure_html(self.figure)
                 + self._table_html() + "</div>")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class TrainingView(_Panel):
+    """Tiny digits denoisers (:mod:`companion.quicktrain`) drawn while they train: class accuracy of each run's
+    EMA samples against training seconds (one line per config, the training cost on x like every speed/quality
+    plot here) and the current run's latest samples. :meth:`show` displays the view, trains the configs one after
+    the other on the kernel thread and returns the finished :class:`~companion.quicktrain.TrainingRun` s.
+
+    ``every``: steps between two looks (each costs a :func:`~companion.quicktrain.preview`: ``preview_n``
+    samples of ``preview_steps`` DDIM steps).
+    """
+
+    def __init__(self, configs: Sequence | object = (), *, every: int = 250, preview_n: int = 100, preview_steps: int = 10,
+                 controls: bool = False):
+        configs = [configs] if isinstance(configs, quicktrain.TrainConfig) else list(configs)
+        if not all(isinstance(c, quicktrain.TrainConfig) for c in configs) or not (configs or controls):
+            raise TypeError("configs must be a TrainConfig or a list of them (companion.quicktrain.TrainConfig); "
+                            "an empty list only with controls=True")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (steps between two looks), got {every!r}")
+        self.configs, self.every, self.preview_n, self.preview_steps = configs, every, preview_n, preview_steps
+        self.runs: list = []
+        self.points: list[dict] = []
+        self._series = ""  # the curve the run in progress adds to
+        self.figure = speed_quality_widget("training time (s)", "class accuracy of EMA samples", marks=(), height=340)
+        self.figure.layout.yaxis.range = [0, 1.02]
+        self.image = _image_widget()
+        self.caption = w.HTML()
+        self.status = w.HTML(value=f"<i>not started: {len(configs)} run(s)</i>" if configs else
+                             "<i>choose a configuration and press Train</i>")
+        parts = [self.status, w.HBox([self.figure, w.VBox([self.image, self.caption])], layout=w.Layout(align_items="flex-start"))]
+        self.controls: dict[str, w.Widget] = {}
+        if controls:
+            base = configs[-1] if configs else quicktrain.TrainConfig()
+            style = {"description_width": "initial"}
+            self.controls = {
+                "prediction": w.Dropdown(options=[("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")],
+                                         value=base.prediction, description="network predicts", style=style),
+                "weighting": w.Dropdown(options=[("uniform", "uniform"), ("min-SNR-5", "min_snr")], value=base.weighting,
+                                        description="loss weighting", style=style),
+                "steps": w.IntSlider(value=base.steps, min=250, max=8000, step=250, description="steps", continuous_update=False),
+                "ema": w.Dropdown(options=[0.99, 0.995, 0.999], value=base.ema if base.ema in (0.99, 0.995, 0.999) else 0.995,
+                                  description="EMA decay", style=style),
+            }
+            self.train_button = w.Button(description="Train", icon="play", button_style="primary")
+            self.train_button.on_click(lambda _: self.train_one(self.chosen()))
+            parts.insert(0, w.HBox([*self.controls.values(), self.train_button], layout=w.Layout(flex_flow="row wrap")))
+        self.widget = w.VBox(parts)
+
+    def chosen(self):
+        """The :class:`~companion.quicktrain.TrainConfig` the controls describe."""
+        return quicktrain.TrainConfig(**{k: c.value for k, c in self.controls.items()})
+
+    def train_one(self, config) -> object:
+        """Train one more run (a Train press; on the kernel thread, the button disabled meanwhile) and draw it."""
+        if getattr(self, "train_button", None) is not None:
+            self.train_button.disabled = True
+        try:
+            self.status.value = f"<i>training: {html.escape(config.label())}, {config.steps} steps…</i>"
+            self._series = f"{len(self.runs) + 1}. {config.label()}, {config.steps} steps, EMA {config.ema:g}"
+            run = quicktrain.train(config, callback=self._look, every=self.every)
+            self.runs.append(run)
+            self.status.value = f"done: {html.escape(config.label())} {run.seconds:.1f} s"
+            return run
+        except Exception as e:  # shown in the view, not lost in a callback's log
+            self.status.value = error_html(e, "Training stopped at an error")
+            raise
+        finally:
+            if getattr(self, "train_button", None) is not None:
+                self.train_button.disabled = False
+
+    def _look(self, run) -> None:
+        images, acc = quicktrain.preview(run, self.preview_n, steps=self.preview_steps)
+        label = self._series or run.config.label()
+        self.points.append({"run": label, "step": run.steps_done, "seconds": run.seconds, "class_accuracy": acc.value})
+        add_point(self.figure, label, run.seconds, acc.value,
+                  f"{label}<br>step {run.steps_done}, {run.seconds:.1f} s<br>class accuracy {acc.value:.2f}", mark=None)
+        self.figure.layout.yaxis.range = [0, 1.02]
+        _show_png(self.image, grid_png(images[:20].clamp(-1, 1), nrow=10, scale=4))
+        self.caption.value = (f"{html.escape(label)}: step {run.steps_done} of {run.config.steps}, "
+                              f"{run.seconds:.1f} s; loss {np.mean(run.losses[-50:]):.4f}")
+
+    def run(self) -> list:
+        """Train every config in turn, drawing as it goes; returns the finished runs (also kept in ``runs``)."""
+        for i, cfg in enumerate(self.configs):
+            self.status.value = f"<i>training {i + 1} of {len(self.configs)}: {html.escape(cfg.label())}…</i>"
+            self._series = cfg.label()
+            self.runs.append(quicktrain.train(cfg, callback=self._look, every=self.every))
+        self.status.value = "done: " + ", ".join(f"{html.escape(r.config.label())} {r.seconds:.1f} s" for r in self.runs)
+        return self.runs
+
+    def show(self) -> list:
+        """Display the view, then train (the figure grows while the cell runs); returns the finished runs."""
+        from IPython.display import display
+
+        handle = display(self, display_id=True)
+        runs = self.run()
+        if handle is not None:
+            handle.update(self)  # the saved output (a headless run, the book) holds the finished view
+        return runs
+
+    def static_html(self) -> str:
+        png = png_html(self.image.value) if self.image.value else ""
+        return (f"<div><div>{self.status.value}</div><div style='display:flex;gap:12px;align-items:flex-start'>"
+                f"<div style='flex:1'>{figure_html(self.figure)}</div><div>{png}<div>{self.caption.value}</div></div></div></div>")
 
 
 # ------------------------------------------------------------------------------------------ forward process

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("metrics",),                                            # quality with intervals
     ("calibration",),                                        # metrics checked on populations with known answers
     ("bench", "sharding", "design", "orders", "verdicts"),   # sweeps (over ranks too), costs, measured orders; rules stated before a run
-    ("train", "distill", "quality", "flows", "recipes"),     # training and what it records on the cards; rectified flow
+    ("train", "distill", "quality", "flows", "recipes", "quicktrain"),  # training and what it records on the cards; rectified flow; training in seconds
     ("plots", "report", "exercises", "offline", "implement", "diagrams", "book"),  # figures, images and tables for readers; self-checks; offline views; implement-it graders; drawn diagrams; the static site
     ("widgets",),                                            # the panels
     ("cli", "__init__", "__main__"),                         # entry points

@@ -184,6 +184,16 @@ def test_distance_to_reference_falls_with_steps_and_is_none_for_stochastic_sampl
     assert X.distance_to_reference(model, "ddpm", 10) is None
 
 
+def test_spacing_gap_is_the_difference_of_the_two_spacings_distances():
+    model = O.toy_mixture((1, 4, 4))
+    gap = X.spacing_gap(model, "dpmpp_2m", "karras", "trailing")
+    expected = (X.distance_to_reference(model, "dpmpp_2m", 6, spacing="karras")
+                - X.distance_to_reference(model, "dpmpp_2m", 6, spacing="trailing"))
+    assert gap(6) == pytest.approx(expected, abs=1e-12)
+    assert gap(6) != 0.0
+    assert X.spacing_gap(model, "dpmpp_2m", "trailing", "trailing")(6) == 0.0
+
+
 class _MeanSign(torch.nn.Module):
     """A 'classifier' of two classes: the sign of the image's mean. It records the timesteps it is given."""
 

@@ -241,6 +241,7 @@ def test_stratified_resamples_keep_class_counts():
 def test_measurement_record():
     m = M.Measurement("fd", 1.23456, 1.0, 1.5, 300, "features-digits", "note")
     assert repr(m) == "fd = 1.235 [1, 1.5] (n=300, features-digits)"
+    assert m.short() == "1.23 [1, 1.5]" and m.short(2) == "1.2 [1, 1.5]"
     assert m.as_dict() == dict(name="fd", value=1.23456, low=1.0, high=1.5, n=300, feature="features-digits", note="note")
     assert M.as_columns({"fd": m}) == {"fd": 1.23456, "fd_low": 1.0, "fd_high": 1.5, "fd_n": 300}
 

@@ -61,7 +61,7 @@ def test_a_new_run_keeps_the_checkpoint_and_model_it_would_overwrite(tmp_path):
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interruption_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, how):
-    real = train._ema_update
+    real = train.ema_update
 
     def interrupt_at_step_2(ema, net, decay, step):
         real(ema, net, decay, step)
@@ -70,13 +70,13 @@ def test_interruption_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, how
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train, "_ema_update", interrupt_at_step_2)
+    monkeypatch.setattr(train, "ema_update", interrupt_at_step_2)
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(train.Interrupted, match="checkpoint saved") as info:
         _train(tmp_path / "m", steps=6)
     assert _step(info.value.checkpoint) in (2, 3)  # saved at the step it was stopped in
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the training's handler is gone again
-    monkeypatch.setattr(train, "_ema_update", real)
+    monkeypatch.setattr(train, "ema_update", real)
     out = _train(tmp_path / "m", steps=6, resume=True)
     assert _step(out.with_name("m" + train.CHECKPOINT_SUFFIX)) == 6
 
