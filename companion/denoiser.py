@@ -28,9 +28,28 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import samplers as registry
+from .device import network_slices
 from .errors import SamplingError
+from .models import DiffusionModel
 from .schedules import sigma_map
 from .speed import describe as describe_speed
+
+def sliced(network: Callable[..., torch.Tensor], limit: int | None = None) -> Callable[..., torch.Tensor]:
+    """``network`` called on :func:`network_slices` of its batch and the outputs concatenated. Keyword inputs that
+    are tensors with the batch's length are sliced alike; a call with any other batched input (a pipeline's
+    keyword dictionaries) goes through whole."""
+
+    def call(x: torch.Tensor, t, **kw):
+        n = x.shape[0]
+        parts = network_slices(n, x[0].numel(), x.device, limit)
+        if len(parts) == 1 or not all(v is None or (torch.is_tensor(v) and v.ndim and v.shape[0] == n) for v in kw.values()):
+            return network(x, t, **kw)
+        per_sample_t = torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == n
+        return torch.cat([network(x[p], t[p] if per_sample_t else t, **{k: None if v is None else v[p] for k, v in kw.items()})
+                          for p in parts])
+
+    return call
+
 
 # ---------------------------------------------------------------------------------------------- conditioning
 
@@ -297,6 +316,11 @@ def resolve_cond(cond, batch: int, device) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- the denoiser
 
 
+def _plain_predict(model):
+    """``DiffusionModel.predict_noise`` when ``model`` is one, else None."""
+    return DiffusionModel.predict_noise if isinstance(model, DiffusionModel) else None
+
+
 class Denoiser:
     """``eps = denoiser(x, t)``: the model's noise prediction with guidance, counted, timed and checked.
 
@@ -316,7 +340,10 @@ class Denoiser:
         self.classifier = classifier
         self.classifier_scale = (1.0 if classifier_scale is None else float(classifier_scale)) if classifier is not None else None
         self.sync = sync or (lambda: None)
-        self.network: Callable[..., torch.Tensor] = model.predict_noise
+        # a companion diffusion model's own network (not a pipeline's, nor an accelerated copy that a compiled graph
+        # or CUDA graph would re-trace per slice size) is called in cache-sized slices on a CPU
+        plain = type(model).predict_noise is _plain_predict(model)
+        self.network: Callable[..., torch.Tensor] = sliced(model.predict_noise) if plain else model.predict_noise
         cond = self.conditioning
         if not getattr(model, "conditional", False) and cond.class_labels is not None:
             cond = replace(cond, class_labels=None)  # an unconditional network takes no labels (a classifier may)

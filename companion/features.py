@@ -26,6 +26,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from tqdm.auto import tqdm
 
 from . import assets, data
+from .device import network_slices
 from .errors import ModelError
 
 KIND = "features"
@@ -75,12 +76,19 @@ class FeatureNet(ModelMixin, ConfigMixin):
         return feats, self.head(feats)
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and logits of a (possibly large) image set, in eval mode, on the CPU (float32)."""
+    def extract(self, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits of a (possibly large) image set, in eval mode, on the CPU (float32). ``batch_size``:
+        images per call (default: cache-sized slices on a CPU, :func:`companion.device.network_slices`)."""
         was_training = self.training
         self.eval()
         feats, logits = [], []
-        for chunk in torch.split(images, batch_size):
+        if batch_size is None:
+            size = self.config.image_size
+            parts = network_slices(len(images), self.config.in_channels * size * size, self.device)
+            chunks = [images[p] for p in parts]
+        else:
+            chunks = torch.split(images, batch_size)
+        for chunk in chunks:
             f, l = self(chunk)
             feats.append(f.float().cpu())
             logits.append(l.float().cpu())

@@ -263,3 +263,16 @@ def preview(run: TrainingRun, n: int = 100, *, steps: int = 10, seed: int = 0) -
     model = run.model()
     images, labels = draw(model, n, steps=steps, seed=seed)
     return images, metrics.class_accuracy(upsample(images), labels, n_boot=100)
+
+
+def by_class(images: torch.Tensor, labels: torch.Tensor, per_class: int = 2) -> torch.Tensor:
+    """``per_class`` images of each class, as rows 0..9 (the first of each class, then the second, ...): a grid of
+    ``nrow=10`` shows one class per column."""
+    picks = []
+    for k in range(per_class):
+        for c in range(NUM_CLASSES):
+            idx = (labels == c).nonzero().flatten()
+            if len(idx) <= k:
+                raise ValueError(f"class {c} has {len(idx)} image(s); {per_class} per class were asked for")
+            picks.append(int(idx[k]))
+    return images[picks]

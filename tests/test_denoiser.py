@@ -112,3 +112,57 @@ def test_sample_takes_its_initial_noise_and_refuses_a_wrong_shape(tiny_model):
     assert torch.equal(res.x_T, x_T)
     with pytest.raises(SamplingError, match=r"x_T must have shape \(2, 1, 8, 8\)"):
         sample(tiny_model, "ddim", 3, batch=2, x_T=torch.zeros(3, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------ cache-sized network calls
+def test_network_slices_split_large_cpu_batches_near_equally_and_leave_accelerators_alone():
+    from companion.device import network_slices
+
+    parts = network_slices(256, 3 * 32 * 32, torch.device("cpu"), limit=2 ** 16)
+    sizes = [p.stop - p.start for p in parts]
+    assert sum(sizes) == 256 and max(sizes) * 3072 <= 2 ** 16 and max(sizes) - min(sizes) <= 1
+    assert parts[0].start == 0 and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert network_slices(16, 3072, torch.device("cpu"), limit=2 ** 16) == [slice(0, 16)]
+    assert network_slices(256, 3072, torch.device("meta"), limit=2 ** 16) == [slice(0, 256)]
+    assert len(network_slices(3, 10 ** 6, torch.device("cpu"), limit=2 ** 16)) == 3  # one sample per call at least
+
+
+def test_sliced_network_gives_each_sample_what_a_whole_batch_gives(tiny_unet):
+    from companion.denoiser import sliced
+    from companion.models import DiffusionModel
+
+    model = DiffusionModel(tiny_unet(num_class_embeds=11), sample_shape=(1, 8, 8), num_classes=10)
+    x, t = torch.randn(10, 1, 8, 8), torch.arange(10) * 90
+    labels = torch.arange(10)
+    calls = []
+
+    def network(x, t, **kw):
+        calls.append(len(x))
+        return model.predict_noise(x, t, **kw)
+
+    whole = model.predict_noise(x, t, class_labels=labels)
+    out = sliced(network, limit=3 * 64)(x, t, class_labels=labels)
+    assert calls == [3, 2, 3, 2] or sorted(calls) == [2, 2, 3, 3]
+    assert torch.allclose(out, whole, atol=1e-6)
+    calls.clear()
+    sliced(network, limit=3 * 64)(x, 500, class_labels=labels)  # a scalar t is shared by every slice
+    assert len(calls) == 4
+    calls.clear()
+    passthrough = sliced(lambda x, t, **kw: calls.append(len(x)) or x, limit=64)
+    passthrough(x, t, added_cond={"time_ids": torch.zeros(10, 6)})  # a keyword dictionary: not sliceable, one call
+    assert calls == [10]
+
+
+def test_sampling_in_slices_gives_the_images_of_one_call_per_step(tiny_unet, monkeypatch):
+    from companion import device
+    from companion.models import DiffusionModel
+    from companion.sampling import sample
+
+    model = DiffusionModel(tiny_unet(num_class_embeds=11), sample_shape=(1, 8, 8), num_classes=10)
+    labels = torch.arange(40) % 10
+    monkeypatch.setattr(device, "CPU_CALL_ELEMENTS", 10 ** 12)
+    whole = sample(model, "dpmpp_2m", 5, seed=0, batch=40, class_labels=labels, guidance=2.0).images
+    monkeypatch.setattr(device, "CPU_CALL_ELEMENTS", 7 * 64)
+    parts = sample(model, "dpmpp_2m", 5, seed=0, batch=40, class_labels=labels, guidance=2.0).images
+    # a random network's images reach ~300: judged relative to their scale (float32 rounding, amplified over 5 steps)
+    assert float((parts - whole).abs().max()) <= 1e-5 * float(whole.abs().max()), float((parts - whole).abs().max())

@@ -155,3 +155,12 @@ def test_training_view_draws_each_look_and_trains_from_its_controls():
     with pytest.raises(ValueError, match="every must be a positive int"):
         TrainingView(controls=True, every=0)
     assert math.isfinite(view.points[-1]["class_accuracy"])
+
+
+def test_by_class_orders_a_grid_one_class_per_column():
+    labels = torch.tensor([3, 1, 0, 2, 1, 0, 3, 2] + list(range(4, 10)) * 2)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    grid = Q.by_class(images, labels)
+    assert grid[:, 0, 0, 0].tolist() == list(range(10)) * 2
+    with pytest.raises(ValueError, match="class 0 has 2 image"):
+        Q.by_class(images, labels, per_class=3)
