@@ -316,11 +316,6 @@ def resolve_cond(cond, batch: int, device) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- the denoiser
 
 
-def _plain_predict(model):
-    """``DiffusionModel.predict_noise`` when ``model`` is one, else None."""
-    return DiffusionModel.predict_noise if isinstance(model, DiffusionModel) else None
-
-
 class Denoiser:
     """``eps = denoiser(x, t)``: the model's noise prediction with guidance, counted, timed and checked.
 
@@ -342,7 +337,7 @@ class Denoiser:
         self.sync = sync or (lambda: None)
         # a companion diffusion model's own network (not a pipeline's, nor an accelerated copy that a compiled graph
         # or CUDA graph would re-trace per slice size) is called in cache-sized slices on a CPU
-        plain = type(model).predict_noise is _plain_predict(model)
+        plain = isinstance(model, DiffusionModel) and type(model).predict_noise is DiffusionModel.predict_noise
         self.network: Callable[..., torch.Tensor] = sliced(model.predict_noise) if plain else model.predict_noise
         cond = self.conditioning
         if not getattr(model, "conditional", False) and cond.class_labels is not None:
