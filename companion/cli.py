@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -291,16 +292,15 @@ def cmd_run_notebooks(args) -> int:
         if html_dir.exists() and not html_dir.is_dir():
             raise CliError(f"--html {args.html} is a file; give a folder for the HTML reports")
         html_dir.mkdir(parents=True, exist_ok=True)
-    cold_dir = None
-    if args.cold:  # every chapter starts from an empty sweep cache: the times a newcomer sees on a first run
-        import tempfile
-
-        cold_dir = tempfile.TemporaryDirectory(prefix="companion-cold-")
-        os.environ[bench.CACHE_ENV] = cold_dir.name  # inherited by each notebook's kernel
     rows, failed = [], 0
     bar = tqdm(notebooks, desc="notebooks", unit="nb")
+    before = os.environ.get(bench.CACHE_ENV)
     for nb_path in bar:
         bar.set_postfix_str(nb_path.name)
+        cold_dir = None
+        if args.cold:  # each chapter starts from its own empty cache (sweeps and references): a newcomer's first run
+            cold_dir = tempfile.TemporaryDirectory(prefix=f"companion-cold-{nb_path.stem}-")
+            os.environ[bench.CACHE_ENV] = cold_dir.name  # inherited by the notebook's kernel
         t0 = time.perf_counter()
         status = "ok"
         try:
@@ -308,6 +308,12 @@ def cmd_run_notebooks(args) -> int:
         except Exception as e:  # report and continue with the next notebook
             status, nb, failed = failure_summary(e, args.timeout), None, failed + 1
         dt = time.perf_counter() - t0
+        if cold_dir is not None:
+            cold_dir.cleanup()
+            if before is None:
+                os.environ.pop(bench.CACHE_ENV, None)
+            else:
+                os.environ[bench.CACHE_ENV] = before
         out = ""
         if html_dir and nb is not None:
             body = export_html(nb)
@@ -328,8 +334,6 @@ def cmd_run_notebooks(args) -> int:
     if record is not None:
         write_times(record, rows, cold=bool(args.cold), timeout=args.timeout)
         print(f"run times written to {record}")
-    if cold_dir is not None:
-        cold_dir.cleanup()
     return 1 if failed else 0
 
 

@@ -315,6 +315,25 @@ def test_store_checked_outputs_keeps_only_marked_cells(tmp_path):
     assert doc["cold_cache"] is True and doc["notebooks"][0]["seconds"] > 0 and "cpu_count" in doc["machine"]
 
 
+def test_cold_run_gives_every_notebook_its_own_empty_cache(tmp_path):
+    """--cold times a first run: a chapter must not find what the chapter before it left in the cache."""
+    import nbformat
+
+    from companion import bench
+
+    src = ("import os, pathlib\nc = pathlib.Path(os.environ['" + bench.CACHE_ENV + "'])\n"
+           "print(sorted(p.name for p in c.iterdir()))\n(c / 'left-by-a-chapter').write_text('x')")
+    for name in ("a.ipynb", "b.ipynb"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(src, metadata={"tags": ["nbval-check-output"]})]
+        nbformat.write(nb, tmp_path / name)
+    r = run_cli("run-notebooks", str(tmp_path / "a.ipynb"), str(tmp_path / "b.ipynb"), "--store-checked-outputs", "--cold",
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("a.ipynb", "b.ipynb"):
+        assert nbformat.read(tmp_path / name, as_version=4).cells[0].outputs[0]["text"] == "[]\n", name
+
+
 def test_run_notebooks_record_needs_a_json_file(tmp_path):
     r = run_cli("run-notebooks", str(tmp_path), "--record", str(tmp_path / "times.txt"), timeout=120)
     assert r.returncode != 0 and "--record" in r.stderr and ".json" in r.stderr

@@ -85,6 +85,12 @@ def test_notebook_panel_reacts(lab_page, notebook):
     nb = f"notebooks/{notebook.name}"
     lab_page.open(nb)
     lab_page.run_all(nb)
+    if notebook.name == "00_tour.ipynb":
+        # the tour's first self-check times DDIM-5 against DDIM-40 beside the browser and the panel's own work: in
+        # JupyterLab it must see the network's cost (wall-time ratio near the NFE ratio), as it does headless
+        texts = lab_page.page.locator(lab.NOTEBOOK).locator(".jp-OutputArea-output").all_inner_texts()
+        line = next((ln for t in texts for ln in t.splitlines() if ln.startswith("exercise 1:")), None)
+        assert line is not None and "PASS" in line, f"the tour's exercise-1 self-check in the browser: {line!r}"
     lab.exercise_panel(lab_page.page, nb, lab_page.name, lab.REACT_TIMEOUT, sampler_ok=_adds_a_point)
     _no_console_errors(lab_page)
 
