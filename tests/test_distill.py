@@ -45,7 +45,7 @@ def test_v_prediction_gives_the_eps_that_recovers_x0():
         eps = m.predict_noise(x, t)
         torch.testing.assert_close(eps, sig * x + a * v, atol=1e-5, rtol=0)
         torch.testing.assert_close((x - sig * eps) / a, a * x - sig * v, atol=1e-4, rtol=0)
-    with pytest.raises(ModelError, match="valid: epsilon, v_prediction"):
+    with pytest.raises(ModelError, match="valid: epsilon, sample, v_prediction"):
         DiffusionModel(_ConstV(v), TRAIN_SCHEDULE, sample_shape=(1, 4, 4), prediction="x0")
 
 
