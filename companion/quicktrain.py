@@ -34,8 +34,8 @@ from . import data, metrics
 from .metrics import Measurement
 from .models import DiffusionModel
 from .sampling import sample
-from .schedules import PARAMETERISATIONS, TRAIN_SCHEDULE, alphas_cumprod
-from .train import ema_update
+from .schedules import PARAMETERISATIONS, TRAIN_SCHEDULE, alphas_cumprod, training_target  # noqa: F401 (re-exported)
+from .train import optimise
 
 WEIGHTINGS = ("uniform", "min_snr")
 SIZE = 8           # the digits' native resolution: what the tiny network models
@@ -106,7 +106,7 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).expand(b) if torch.as_tensor(t).ndim == 0 else t
+        t = torch.as_tensor(t, device=x.device).expand(b)  # a shared scalar t, or one per sample
         angles = t.to(x.dtype)[:, None] * self.freqs.to(x.dtype)[None]
         if class_labels is None:
             class_labels = torch.full((b,), self.null_class, dtype=torch.long, device=x.device)
@@ -130,17 +130,6 @@ def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float
         return torch.ones_like(snr)
     clipped = snr.clamp(max=gamma)
     return {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}[prediction]
-
-
-def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """What the network is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
-    if prediction == "epsilon":
-        return eps
-    if prediction == "sample":
-        return x0
-    if prediction == "v_prediction":
-        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    raise ValueError(f"prediction={prediction!r} is not valid; choose one of {', '.join(PARAMETERISATIONS)}")
 
 
 @dataclass
@@ -184,8 +173,6 @@ def train(config: TrainConfig = TrainConfig(), *, callback: Callable[[TrainingRu
     run = TrainingRun(config, net, ema, [])
     start = time.perf_counter()
     for step in range(config.steps):
-        for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
         idx = torch.randint(0, x.shape[0], (config.batch,), generator=g)
         x0, labels = x[idx], y[idx]
         drop = torch.rand(config.batch, generator=g) < config.class_dropout
@@ -198,13 +185,8 @@ def train(config: TrainConfig = TrainConfig(), *, callback: Callable[[TrainingRu
         per_sample = (net(x_t, t, labels) - target).pow(2).flatten(1).mean(1)
         weight = loss_weight(abar_table[t] / (1 - abar_table[t]), config.prediction, config.weighting, config.gamma)
         loss = (weight * per_sample).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step} ({config.label()}); lower lr (now {config.lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, net, config.ema, step)
+        optimise(net, ema, opt, loss, step, lr=config.lr, warmup=config.warmup, ema_decay=config.ema,
+                 where=f"tiny digits ({config.label()})")
         run.losses.append(float(loss.detach()))
         run.steps_done = step + 1
         run.seconds = time.perf_counter() - start

@@ -95,6 +95,19 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, abar: float | torch.Tensor, s
     return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[dst]
 
 
+def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """What a network predicting ``prediction`` is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    (v = alpha eps - sigma x0)."""
+    if prediction == "epsilon":
+        return eps
+    if prediction == "sample":
+        return x0
+    if prediction == "v_prediction":
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    raise ValueError(f"prediction={prediction!r} is not valid; choose one of {', '.join(PARAMETERISATIONS)}")
+
+
+
 # ---------------------------------------------------------------------------------------------- noise levels
 
 

@@ -42,7 +42,7 @@ from . import assets, data
 from .errors import CheckpointError
 from .models import AUTOENCODER_KIND, FLOW_SCHEDULE, DiffusionModel, FlowModel, load
 from .nets import NoisyClassifier
-from .schedules import TRAIN_SCHEDULE
+from .schedules import TRAIN_SCHEDULE, training_target
 
 CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINT_EVERY_S = 60.0
@@ -137,10 +137,7 @@ class DiffusionTask(Task):
         if cond is not None:
             x_t = torch.cat([x_t, F.interpolate(cond, size=x_t.shape[-2:], mode="bilinear", align_corners=False)], 1)
         kwargs = {"class_labels": labels} if labels is not None else {}
-        target = noise
-        if self.cfg.get("prediction") == "v_prediction":
-            abar = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v = alpha eps - sigma x0
+        target = training_target(self.cfg.get("prediction", "epsilon"), x0, noise, self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1))
         return F.mse_loss(self.net(x_t, t, **kwargs).sample, target)
 
     def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -497,19 +494,26 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
     return _finish(rec, task, ema, state, losses, cfg, seed, steps, out)
 
 
+def optimise(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, *,
+             lr: float, warmup: int, ema_decay: float, where: str) -> None:
+    """One optimisation step as every training loop takes it: linear learning-rate warm-up over ``warmup`` steps, a
+    refusal of a non-finite loss (``where`` names the run), gradients clipped to norm 1, the AdamW step, the EMA."""
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss became {loss.item()} at step {step}; lower lr (now {lr:g})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, net, ema_decay, step)
+
+
 def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start) -> None:
     while state["step"] < steps:
         step = state["step"]
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"])
         loss = task.loss(g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step}; lower lr in the recipe")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, net, cfg["ema"], step)
+        optimise(net, ema, opt, loss, step, lr=cfg["lr"], warmup=cfg["warmup"], ema_decay=cfg["ema"], where=name)
         losses.append(float(loss.detach()))
         state["step"] = step + 1
         state["seconds"] = time.perf_counter() - t_start
