@@ -324,11 +324,15 @@ class Denoiser:
     them). ``guidance``: classifier-free guidance scale w, eps = eps_u + w (eps_c - eps_u). ``classifier`` /
     ``classifier_scale``: a noise-aware classifier ``clf(x_t, t) -> logits``; eps -= scale * sqrt(1 - abar_t) *
     grad log p(y | x_t) (default scale 1). ``sync``: called before and after each timed network stretch (CUDA's
-    synchronise, so the time is the device's and not the launch's).
+    synchronise, so the time is the device's and not the launch's). ``events``: time each network call of the loop
+    with device events instead (a factory of objects with ``record()`` and ``elapsed_time(end)`` in ms, e.g.
+    ``functools.partial(torch.cuda.Event, enable_timing=True)``): no synchronisation per call, so the host keeps
+    queueing work; the events are read once, after one ``sync``, when the times are first asked for.
     """
 
     def __init__(self, model, conditioning: Conditioning | None = None, *, guidance: float | None = None,
-                 classifier=None, classifier_scale: float | None = None, sync: Callable[[], None] | None = None):
+                 classifier=None, classifier_scale: float | None = None, sync: Callable[[], None] | None = None,
+                 events: Callable[[], Any] | None = None):
         self.model = model
         self.conditioning = conditioning or Conditioning()
         self.guidance = None if guidance is None else float(guidance)
@@ -347,8 +351,10 @@ class Denoiser:
             if self.guidance is not None else None
         self.nfe = 0
         self.classifier_evals = 0
-        self.network_s = 0.0
-        self.call_s: list[float] = []  # each network call of the loop
+        self._network_s = 0.0
+        self._call_s: list[float] = []  # each network call of the loop
+        self._events = events
+        self._pending: list[tuple[Any, Any]] = []  # (start, end) device events not read yet
         self.parts: dict[str, float] = {"encode": 0.0, "decode": 0.0}  # network time outside the loop
 
     def wrap(self, wrapper: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]) -> "Denoiser":
@@ -381,14 +387,43 @@ class Denoiser:
             return torch.autograd.grad(logp.gather(1, labels[:, None]).sum(), xg)[0]
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        if self._events is not None:
+            start, end = self._events(), self._events()
+            start.record()
+            eps = self.eps(x, t)
+            end.record()
+            self._pending.append((start, end))
+            return eps
         self.sync()
         n0 = time.perf_counter()
         eps = self.eps(x, t)
         self.sync()
         dt = time.perf_counter() - n0
-        self.network_s += dt
-        self.call_s.append(dt)
+        self._network_s += dt
+        self._call_s.append(dt)
         return eps
+
+    def _settle(self) -> None:
+        """Read the device events recorded so far (one synchronisation for all of them)."""
+        if self._pending:
+            self.sync()
+            for start, end in self._pending:
+                dt = start.elapsed_time(end) / 1000.0
+                self._network_s += dt
+                self._call_s.append(dt)
+            self._pending.clear()
+
+    @property
+    def network_s(self) -> float:
+        """Seconds of network work so far: the loop's calls plus what :meth:`timed` and :meth:`account` booked."""
+        self._settle()
+        return self._network_s
+
+    @property
+    def call_s(self) -> list[float]:
+        """Seconds of each network call of the loop so far."""
+        self._settle()
+        return self._call_s
 
     def timed(self, fn: Callable[[], Any], part: str | None = None) -> Any:
         """Run other network work (e.g. a VAE decode) inside the network-time account; ``part`` (``"encode"``,
@@ -401,7 +436,7 @@ class Denoiser:
 
     def account(self, seconds: float, part: str | None = None) -> None:
         """Book ``seconds`` of network work done outside a call of this denoiser (e.g. the prompt's encoding)."""
-        self.network_s += seconds
+        self._network_s += seconds
         if part is not None:
             self.parts[part] = self.parts.get(part, 0.0) + seconds
 
@@ -419,7 +454,7 @@ class Denoiser:
         ``embedded_guidance``: the scale a network took as an input (recorded as the run's guidance)."""
         return RunRecord(
             sampler=sampler, steps=steps, nfe=self.nfe, wall_s=wall_s, network_s=self.network_s,
-            overhead_s=wall_s - self.network_s, step_s=step_s, peak_mem_bytes=peak[0], peak_mem_kind=peak[1],
+            overhead_s=wall_s - self._network_s, step_s=step_s, peak_mem_bytes=peak[0], peak_mem_kind=peak[1],
             scheduler_class=scheduler_class, scheduler_config=scheduler_config, seed=seed, batch=batch,
             guidance=self.guidance if embedded_guidance is None else float(embedded_guidance),
             eta=None if eta is None else float(eta), spacing=spacing, stochastic=stochastic,

@@ -1,4 +1,4 @@
-"""Few-step students distilled from a bundled teacher: progressive and consistency distillation.
+"""Few-step students distilled from a bundled teacher: progressive and consistency distillation, and reflow.
 
 Both are training tasks of :mod:`companion.train` (progress bar, EMA, fixed seeds, resumable checkpoints,
 asset cards); their recipes (``digits-pd-*``, the group ``digits-pd`` and ``digits-cd``) are data in
@@ -20,19 +20,33 @@ eps_v = sigma x_t + alpha eps_teacher).
   trained so that its outputs at neighbouring timesteps of the 50-step grid (one teacher DDIM step apart)
   agree. It samples with the ``lcm`` sampler in 1-4 steps.
 
-The teacher is the class-conditional ``digits-cond``; students keep its class labels (and, with the same
+* **Guidance distillation** (Meng et al., arXiv 2210.03142, its first stage): classifier-free guidance costs two
+  network calls per step (conditional and unconditional); a student that takes the guidance scale w as an input
+  learns the teacher's guided output eps_u + w (eps_c - eps_u) in one (:class:`companion.models.GuidanceDistilledModel`,
+  trained on a grid of scales). It samples with the teacher's own samplers at half the NFE.
+* **Reflow** (2-rectified flow; Liu et al., arXiv 2209.03003, sec. 2.3; the first stage of InstaFlow, arXiv
+  2309.06380): the flow teacher ``digits-flow`` carries noise z to a sample x0 along its ODE; a student fit to
+  these *coupled* pairs (instead of independent noise and data) learns paths that cross less and are straighter,
+  so one or two Euler steps land close to where the teacher's fifty do. It samples with FlowMatch Euler.
+
+The teacher of the first two is the class-conditional ``digits-cond``; students keep its class labels (and, with the same
 class dropout, its "no class" label, so classifier-free guidance still works on them).
 """
 from __future__ import annotations
 
 import copy
 
+import math
+
 import torch
-from diffusers import LCMScheduler
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, LCMScheduler, UNet2DModel
 
 from . import samplers, train
+from .device import generator
 from .errors import ModelError
-from .models import DiffusionModel, load
+from .models import FLOW_SCHEDULE, DiffusionModel, FlowModel, GuidanceDistilledModel, load
+from .sampling import sample
 from .schedules import x0_from_v
 
 PD_STAGES = (32, 16, 8, 4, 2, 1)
@@ -40,7 +54,10 @@ PD_TEACHER_STEPS = 64  # the first stage imitates the teacher at 64 Euler steps
 CD_GRID = 50  # consistency pairs are neighbours on LCM's 50-step grid 999, 979, ..., 19 (and t = -1: x0)
 
 # how each student is meant to be sampled (the panel and the chapter default to this)
-STUDENT_SAMPLING = {"progressive": dict(sampler="euler", spacing="trailing"), "consistency": dict(sampler="lcm")}
+STUDENT_SAMPLING = {"progressive": dict(sampler="euler", spacing="trailing"), "consistency": dict(sampler="lcm"),
+                    "reflow": dict(sampler="euler"),  # on a flow model "euler" is diffusers' FlowMatch Euler
+                    "guidance": dict(sampler="ddim", spacing="trailing")}
+REFLOW_TEACHER_STEPS = 50  # FlowMatch Euler steps of the teacher for each (noise, sample) pair
 
 
 def pd_name(steps: int) -> str:
@@ -72,11 +89,13 @@ class _StudentTask(train.Task):
     """Common part: load the teacher, start the student from its weights, save the student as a v-model."""
 
     method = ""
+    teacher_kind = "diffusion"  # "flow" for a student of a rectified-flow teacher
 
     def __init__(self, rec, cfg):
         self.teacher = load(cfg["teacher"], device="cpu").requires_grad_(False)
-        if not isinstance(self.teacher, DiffusionModel) or not self.teacher.conditional:
-            raise ModelError(f"teacher {cfg['teacher']!r} must be a class-conditional diffusion model")
+        kind = "flow" if isinstance(self.teacher, FlowModel) else "diffusion"
+        if not isinstance(self.teacher, DiffusionModel) or kind != self.teacher_kind or not self.teacher.conditional:
+            raise ModelError(f"teacher {cfg['teacher']!r} must be a class-conditional {self.teacher_kind} model")
         super().__init__(rec, cfg)
 
     def build(self):
@@ -177,3 +196,103 @@ class ConsistencyDistillation(_StudentTask):
             target = self.consistency(self.target, x_prev, t_prev, labels)
         return ((self.consistency(self.net, x_t, t, labels) - target) ** 2).mean()
 
+
+
+class GuidanceDistillation(_StudentTask):
+    """The student eps(x_t, t, y, w) regresses the teacher's guided eps_u + w (eps_c - eps_u) (one batched teacher call
+    for both halves) at a scale w drawn from ``guidance_grid`` and t uniform over the 1000 training timesteps. It starts
+    from the teacher: the class embedding of class c is copied to every scale's row for c, so at step 0 the student
+    is the teacher's conditional model at every w (which is the target at w = 1)."""
+
+    method = "guidance"
+
+    def __init__(self, rec, cfg):
+        self.grid = torch.tensor([float(w) for w in cfg["guidance_grid"]])
+        super().__init__(rec, cfg)
+        self.scheduler = DDPMScheduler.from_config(self.teacher.scheduler_config)
+
+    def build(self):
+        teacher = self.teacher.unet
+        rows = teacher.class_embedding.weight.shape[0]  # num_classes + 1 ("no class" last)
+        student = UNet2DModel(**dict(teacher.config, num_class_embeds=rows * len(self.grid)))
+        state = dict(teacher.state_dict())
+        state["class_embedding.weight"] = teacher.class_embedding.weight.detach().repeat(len(self.grid), 1)
+        student.load_state_dict(state)
+        return student.train().requires_grad_(True)
+
+    def loss(self, g):
+        x0, y = self.batch(g)
+        n = x0.shape[0]
+        k = torch.randint(0, len(self.grid), (n,), generator=g)
+        w = self.grid[k].view(-1, 1, 1, 1)
+        t = torch.randint(0, self.teacher.num_train_timesteps, (n,), generator=g)
+        x_t = self.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        with torch.no_grad():
+            null = torch.full_like(y, self.teacher.null_class)
+            eps_c, eps_u = self.teacher.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            target = eps_u + w * (eps_c - eps_u)
+        rows = self.teacher.num_classes + 1
+        return F.mse_loss(self.net(x_t, t, class_labels=y + rows * k).sample, target)
+
+    def save(self, ema, out, card):
+        t = self.teacher
+        student = GuidanceDistilledModel(ema, t.scheduler_config, name=self.rec.name, sample_shape=t.sample_shape,
+                                         num_classes=t.num_classes, guidance_grid=self.grid.tolist(),
+                                         default_guidance=self.cfg["default_guidance"])
+        info = dict(method=self.method, teacher=self.cfg["teacher"], student_steps=self.cfg["student_steps"],
+                    **STUDENT_SAMPLING[self.method])
+        return student.save(out, dict(card, distillation=info), weights_dtype=torch.float16)
+
+
+@torch.no_grad()
+def reflow_pairs(teacher: FlowModel, n: int, *, steps: int = REFLOW_TEACHER_STEPS, seed: int = 0,
+                 batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(noise, sample, label)``: ``n`` couplings of the teacher's ODE (FlowMatch Euler, ``steps`` steps, no guidance),
+    class labels balanced (0, 1, ..., k - 1, 0, 1, ...). The same pairs for the same arguments on every run."""
+    if not isinstance(teacher, FlowModel):
+        raise ModelError(f"reflow needs a flow teacher (prediction 'flow'); {teacher.name!r} predicts {teacher.prediction!r}")
+    if n < 1 or steps < 1:
+        raise ValueError(f"reflow_pairs needs n >= 1 and steps >= 1, got n={n}, steps={steps}")
+    k = teacher.num_classes or 1
+    labels = torch.arange(k).repeat(math.ceil(n / k))[:n]
+    g = generator(seed)
+    zs, xs = [], []
+    for j in range(0, n, batch):
+        z = torch.randn((min(batch, n - j), *teacher.sample_shape), generator=g)
+        cls = labels[j : j + len(z)] if teacher.num_classes else None
+        xs.append(sample(teacher, "euler", steps, x_T=z, class_labels=cls, batch=len(z)).images)
+        zs.append(z)
+    return torch.cat(zs), torch.cat(xs), labels
+
+
+class Reflow(_StudentTask):
+    """2-rectified flow: the flow-matching loss on the teacher's own couplings (z, x0) instead of independent noise
+    and data: x_t = (1 - t) x0 + t z, target z - x0, t ~ U(0, 1). Starts from the teacher's weights; class dropout
+    as the teacher's, so guidance still works. The pairs are drawn once, before the first step (``pairs`` of them,
+    the teacher at ``teacher_steps``), from the recipe's seed."""
+
+    method = "reflow"
+    teacher_kind = "flow"
+
+    def __init__(self, rec, cfg):
+        super().__init__(rec, cfg)
+        self.z, self.x0, self.pair_labels = reflow_pairs(self.teacher, cfg["pairs"], steps=cfg["teacher_steps"],
+                                                          seed=cfg.get("pair_seed", 0))
+
+    def loss(self, g):
+        idx = torch.randint(0, len(self.z), (self.cfg["batch"],), generator=g)
+        z, x0 = self.z[idx], self.x0[idx]
+        labels = self.labels(self.pair_labels[idx], g)
+        t = torch.rand(z.shape[0], generator=g)
+        tt = t.view(-1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * z
+        n_train = FLOW_SCHEDULE["num_train_timesteps"]
+        return F.mse_loss(self.net(x_t, t * n_train, class_labels=labels).sample, z - x0)
+
+    def save(self, ema, out, card):
+        t = self.teacher
+        student = FlowModel(ema, t.scheduler_config, name=self.rec.name, sample_shape=t.sample_shape,
+                            num_classes=t.num_classes)
+        info = dict(method=self.method, teacher=self.cfg["teacher"], student_steps=self.cfg["student_steps"],
+                    pairs=self.cfg["pairs"], teacher_steps=self.cfg["teacher_steps"], **STUDENT_SAMPLING[self.method])
+        return student.save(out, dict(card, distillation=info), weights_dtype=torch.float16)

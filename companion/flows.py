@@ -21,6 +21,7 @@ What is measured here:
 * :func:`diffusion_as_flow_gap`: that the exact VP probability-flow ODE and the exact rectified flow carry the same
   noise to the same samples (they are one transport on another clock and zoom);
 * :func:`equal_nfe` / :func:`equal_nfe_table`: a flow model against a diffusion model at equal NFE (FD, verdicts);
+  :func:`equal_nfe_runs` any models so (the reflow student against its flow teacher);
 * :func:`digits_flow_quality`: the quality recorded in the flow model's card.
 """
 from __future__ import annotations
@@ -371,36 +372,64 @@ def network_straightness(models: dict, *, steps: int = 32, n: int = 64, seed: in
 EQUAL_NFE_STEPS = (2, 4, 8)
 
 
-def equal_nfe(flow_model, diffusion_model, steps: Sequence[int] = EQUAL_NFE_STEPS, *, n: int = 500, seed: int = 0,
-              guidance: float | None = None) -> dict:
-    """Frechet distance (features-digits, bootstrap interval) of a flow model with FlowMatch Euler and a diffusion
-    model with DDIM (trailing spacing: both first-order, one network call per step) at each step count, from the
-    same noise and balanced class labels: ``{(kind, steps): (Measurement, result)}`` with kind "flow" / "diffusion"."""
-    if getattr(flow_model, "prediction", None) != "flow":
-        raise SamplingError(f"flow_model {getattr(flow_model, 'name', '?')!r} is not a flow-matching model")
-    require_diffusion(diffusion_model, "equal_nfe's diffusion_model")
+def flow_grid(model, sampler: str, steps: int) -> list[float]:
+    """The sigma (= t) grid a flow sampler runs on ``model`` at ``steps`` steps, ending in 0, as diffusers builds it.
+
+    diffusers' FlowMatch schedulers space their timesteps from sigma = 1 to 1 / num_train_timesteps and then step
+    to 0, so at k steps the last call covers only the final 0.1 % of the path: k calls, about k - 1 useful steps."""
+    sched = flow_scheduler(registry.get(sampler), model, int(steps), torch.device("cpu"))
+    return [round(float(s), 6) for s in sched.sigmas]
+
+
+def first_order_sampling(model) -> dict:
+    """``sample()`` arguments of the first-order solver of a model's own ODE, one network call per step: FlowMatch
+    Euler on a flow model, DDIM with trailing spacing on a diffusion model."""
+    if getattr(model, "prediction", None) == "flow":
+        return {"sampler": "euler"}
+    return {"sampler": "ddim", "spacing": "trailing"}
+
+
+def equal_nfe_runs(models: dict, steps: Sequence[int] = EQUAL_NFE_STEPS, *, n: int = 500, seed: int = 0,
+                   guidance: float | None = None) -> dict:
+    """Frechet distance (features-digits, bootstrap interval) of each model in ``{kind: model}`` with
+    :func:`first_order_sampling` at each step count, from the same noise and balanced class labels:
+    ``{(kind, steps): (Measurement, result)}``."""
     metrics.require_samples(n, "fd")
     labels = torch.arange(n) % 10
     out = {}
     for k in steps:
-        for kind, model, kw in (("flow", flow_model, {"sampler": "euler"}),
-                                ("diffusion", diffusion_model, {"sampler": "ddim", "spacing": "trailing"})):
-            res = sample(model, steps=int(k), seed=seed, batch=n, class_labels=labels, guidance=guidance, **kw)
+        for kind, model in models.items():
+            res = sample(model, steps=int(k), seed=seed, batch=n, class_labels=labels, guidance=guidance,
+                         **first_order_sampling(model))
             out[(kind, int(k))] = (metrics.frechet_distance(res.images.clamp(-1, 1), labels=labels, seed=seed), res)
     return out
 
 
+def equal_nfe(flow_model, diffusion_model, steps: Sequence[int] = EQUAL_NFE_STEPS, *, n: int = 500, seed: int = 0,
+              guidance: float | None = None) -> dict:
+    """:func:`equal_nfe_runs` of a flow model (kind "flow", FlowMatch Euler) and a diffusion model (kind "diffusion",
+    DDIM with trailing spacing: both first-order, one network call per step)."""
+    if getattr(flow_model, "prediction", None) != "flow":
+        raise SamplingError(f"flow_model {getattr(flow_model, 'name', '?')!r} is not a flow-matching model")
+    require_diffusion(diffusion_model, "equal_nfe's diffusion_model")
+    return equal_nfe_runs({"flow": flow_model, "diffusion": diffusion_model}, steps, n=n, seed=seed, guidance=guidance)
+
+
 def equal_nfe_table(runs: dict, rule=None) -> pd.DataFrame:
     """One row per step count: NFE of each side (from the run records), FD of each with its interval and, with a
-    :class:`companion.verdicts.Rule` (flow judged against diffusion), the verdict's outcome."""
+    :class:`companion.verdicts.Rule` (the first kind judged against the second), the verdict's outcome."""
+    kinds = list(dict.fromkeys(kind for kind, _ in runs))
+    if len(kinds) != 2:
+        raise ValueError(f"equal_nfe_table compares two kinds of run, got {kinds}")
+    a, b = kinds
     rows = []
     for k in sorted({k for _, k in runs}):
-        (fd_f, res_f), (fd_d, res_d) = runs[("flow", k)], runs[("diffusion", k)]
-        row = {"steps": k, "NFE flow / diffusion": f"{res_f.record.nfe} / {res_d.record.nfe}",
-               "FD flow [95 %]": f"{fd_f.value:.2f} [{fd_f.low:.2f}, {fd_f.high:.2f}]",
-               "FD diffusion [95 %]": f"{fd_d.value:.2f} [{fd_d.low:.2f}, {fd_d.high:.2f}]"}
+        (fd_a, res_a), (fd_b, res_b) = runs[(a, k)], runs[(b, k)]
+        row = {"steps": k, f"NFE {a} / {b}": f"{res_a.record.nfe} / {res_b.record.nfe}",
+               f"FD {a} [95 %]": f"{fd_a.value:.2f} [{fd_a.low:.2f}, {fd_a.high:.2f}]",
+               f"FD {b} [95 %]": f"{fd_b.value:.2f} [{fd_b.low:.2f}, {fd_b.high:.2f}]"}
         if rule is not None:
-            row["verdict"] = judge(rule, fd_f, fd_d).outcome
+            row["verdict"] = judge(rule, fd_a, fd_b).outcome
         rows.append(row)
     return pd.DataFrame(rows).set_index("steps")
 

@@ -49,6 +49,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import data
 from .features import default_feature_net_name, load_feature_net
@@ -651,6 +652,90 @@ def class_accuracy(images: torch.Tensor, labels, *, feature: str | None = None, 
     """Fraction of class-conditional samples that the feature network classifies as the requested class."""
     _, logits, name = extract(images, feature)
     return accuracy_from_logits(logits, labels, name, n_boot=n_boot, seed=seed)
+
+
+def _predicted(logits: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(logits.argmax(1), logits.shape[1]).double()
+
+
+def class_shares(logits: torch.Tensor, digits: int = 3) -> list[float]:
+    """The share of images a classifier assigns to each class (its argmax), rounded to ``digits``."""
+    return [round(float(v), digits) for v in _predicted(logits).mean(0)]
+
+
+def class_share_distance(logits: torch.Tensor, reference_logits: torch.Tensor, feature: str, *,
+                         n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Measurement:
+    """How differently a classifier ("the judge") sorts generated and real images: the total-variation distance
+    ``0.5 * sum_c |p_c - q_c|`` between the shares of its predicted classes on the generated set (``logits``) and
+    on real images (``reference_logits``). 0: it finds every class as often as in the data; 1: no overlap.
+
+    For an *unconditional* model there is no requested class to score accuracy against; a model whose samples are
+    recognisable makes the judge find each class about as often as in real data, while blobs it cannot read pile
+    into whichever class their texture resembles. Both sets are resampled in the bootstrap (the estimate is biased
+    upwards at small n: at 256 samples of four balanced classes by about 0.04)."""
+    require_samples(len(logits), "class_accuracy")
+    require_samples(len(reference_logits), "class_accuracy")
+    if logits.shape[1] != reference_logits.shape[1]:
+        raise ValueError(f"the two sets have logits for {logits.shape[1]} and {reference_logits.shape[1]} classes")
+    pred, ref = _predicted(logits), _predicted(reference_logits)
+
+    def tv(p, q):
+        return 0.5 * (p - q).abs().sum(-1)
+
+    value = float(tv(pred.mean(0), ref.mean(0)))
+    shares = pred[_boot_indices(len(pred), n_boot, seed)].mean(1)
+    ref_shares = ref[_boot_indices(len(ref), n_boot, seed + REFERENCE_SEED_OFFSET)].mean(1)
+    lo, hi = _interval(tv(shares, ref_shares).numpy())
+    note = (f"total-variation distance of the predicted-class shares, generated {class_shares(logits)} vs real "
+            f"{class_shares(reference_logits)} (real n={len(ref)})")
+    return Measurement("class_share_distance", value, lo, hi, len(pred), feature, note)
+
+
+# --------------------------------------------------------------------------------------------- text alignment
+CLIP_DEFAULT = "openai/clip-vit-base-patch16"  # torchmetrics' CLIP score default
+
+
+def load_clip(name_or_path: str = CLIP_DEFAULT, *, device=None):
+    """``(CLIPModel, CLIPProcessor)`` from the Hub or a local folder (the ``hub`` extra: transformers)."""
+    try:
+        from transformers import CLIPModel, CLIPProcessor  # optional: the hub extra
+    except ImportError as e:
+        raise ImportError(f"the CLIP score needs transformers ({e}); install the hub extra: pip install '.[hub]'") from None
+    model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True).eval()
+    return model.to(device or "cpu"), CLIPProcessor.from_pretrained(name_or_path)
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts, *, clip=CLIP_DEFAULT, batch: int = 32, n_boot: int = DEFAULT_BOOTSTRAP,
+               seed: int = 0) -> Measurement:
+    """CLIP score (Hessel et al., arXiv 2104.08718, as torchmetrics defines it): 100 * max(cos(image, prompt), 0) of
+    each image with its prompt in CLIP's joint embedding space, averaged, with a bootstrap interval over images.
+
+    ``images``: (N, 3, H, W) in [-1, 1] (quantised to 8 bits, as a saved image is, before CLIP's own
+    preprocessing). ``prompts``: one string for all or N strings. ``clip``: a Hub id or folder (:func:`load_clip`),
+    or a loaded ``(model, processor)`` pair. Computed here rather than with torchmetrics' ``clip_score``, which in
+    torchmetrics 1.9 fails with transformers 5 (its ``get_image_features`` returns an output object, not a tensor).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"clip_score needs RGB images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    n = len(images)
+    prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"clip_score needs one prompt or {n} prompts (strings), got {len(prompts)}")
+    model, processor = load_clip(clip) if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__") else clip
+    dev = next(model.parameters()).device
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    scores = []
+    for i in range(0, n, batch):
+        inputs = processor(text=prompts[i : i + batch], images=list(pixels[i : i + batch]), return_tensors="pt",
+                           padding=True, truncation=True)
+        out = model(**{k: v.to(dev) for k, v in inputs.items()})
+        img = F.normalize(out.image_embeds.float(), dim=-1)
+        txt = F.normalize(out.text_embeds.float(), dim=-1)
+        scores.append(100 * (img * txt).sum(-1).clamp(min=0).cpu())
+    name = clip if isinstance(clip, str) else type(model).__name__
+    return mean_measurement("clip_score", torch.cat(scores), feature=f"CLIP ({name})",
+                            note="100 * max(cosine(image, prompt), 0), mean over images", n_boot=n_boot, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------- all at once

@@ -300,6 +300,55 @@ class FlowModel(DiffusionModel):
         self.prediction = "flow"  # the velocity passes through predict_noise unconverted
 
 
+class GuidanceDistilledModel(DiffusionModel):
+    """A class-conditional network that does in ONE call what classifier-free guidance does in two (guidance
+    distillation, Meng et al., arXiv 2210.03142): it takes the guidance scale w as an input and predicts the guided
+    noise eps_u + w (eps_c - eps_u) of its teacher.
+
+    The scale enters through the class embedding: the network has one embedding row per (class, scale) pair of
+    ``guidance_grid`` (the scales it was trained on), row ``label + (num_classes + 1) * index(w)``, so it is an
+    ordinary diffusers ``UNet2DModel``. A scale off the grid is refused, naming the grid: the network has never seen
+    it. ``guidance_embedded`` tells the sampler to pass the scale in and run no second (unconditional) pass; a run
+    without a scale uses ``default_guidance``.
+    """
+
+    kind = "guidance-distilled"
+    guidance_embedded = True
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict | None = None, *, guidance_grid=None,
+                 default_guidance: float | None = None, **kwargs):
+        super().__init__(unet, scheduler_config, **kwargs)
+        grid = guidance_grid if guidance_grid is not None else self.card.get("guidance_grid")
+        if not grid or self.num_classes is None:
+            raise ModelError(f"a guidance-distilled model needs num_classes and a guidance_grid (the scales it was "
+                             f"trained on), got num_classes={self.num_classes!r}, guidance_grid={grid!r}")
+        self.guidance_grid = tuple(float(w) for w in grid)
+        default = default_guidance if default_guidance is not None else self.card.get("default_guidance", self.guidance_grid[0])
+        self.default_guidance = self.check_guidance(default)
+
+    def check_guidance(self, guidance) -> float:
+        """``guidance`` as a float if it is one of the scales the network was trained on; ModelError naming them otherwise."""
+        w = float(guidance)
+        if not any(abs(w - g) < 1e-9 for g in self.guidance_grid):
+            grid = ", ".join(f"{g:g}" for g in self.guidance_grid)
+            raise ModelError(f"model {self.name!r} was distilled for guidance scales {grid} only (it takes the scale as an "
+                             f"input and never saw {w:g}); choose one of them")
+        return w
+
+    def predict_noise(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                      guidance_scale: float | None = None) -> torch.Tensor:
+        """The guided eps at scale ``guidance_scale`` (default :attr:`default_guidance`) in one network call."""
+        w = self.default_guidance if guidance_scale is None else self.check_guidance(guidance_scale)
+        index = min(range(len(self.guidance_grid)), key=lambda i: abs(self.guidance_grid[i] - w))
+        if class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long)
+        return super().predict_noise(x, t, class_labels.to(x.device) + (self.num_classes + 1) * index, cond)
+
+    def save(self, folder, card: dict | None = None, *, weights_dtype: torch.dtype | None = None) -> dict:
+        return super().save(folder, dict(card or {}, guidance_grid=list(self.guidance_grid),
+                                         default_guidance=self.default_guidance), weights_dtype=weights_dtype)
+
+
 CARD_FIELDS = {"sample_shape": list, "image_shape": list, "num_classes": int, "cond_shape": list, "prediction": str,
                "latent_mean": list, "latent_std": list, "vae_class": str, "unet_class": str, "name": str}
 
@@ -332,9 +381,11 @@ def _check_card_against_network(card: dict, unet, folder: Path) -> None:
                          f"({cfg.out_channels} channels, {size} px): the card or the weights were changed")
     embeds = getattr(cfg, "num_class_embeds", None)
     n = card.get("num_classes")
-    if (embeds is None) != (n is None) or (n is not None and embeds != n + 1):
+    per_class = len(card.get("guidance_grid") or [None])  # a guidance-distilled network: a row per (class, scale)
+    if (embeds is None) != (n is None) or (n is not None and embeds != (n + 1) * per_class):
         raise ModelError(f"{path}: num_classes {n!r} disagrees with the network's {embeds!r} class embeddings "
-                         f"(num_classes + 1: the last one is 'no class')")
+                         f"(num_classes + 1: the last one is 'no class'; times the guidance scales of a guidance-distilled "
+                         f"model)")
 
 
 def _from_pretrained(klass, folder: Path):
@@ -373,6 +424,7 @@ def load_autoencoder(folder: str | Path, *, verify: bool = True) -> torch.nn.Mod
 KINDS: dict[str, Callable[[Path], object]] = {
     DiffusionModel.kind: DiffusionModel.from_folder,
     FlowModel.kind: FlowModel.from_folder,
+    GuidanceDistilledModel.kind: GuidanceDistilledModel.from_folder,
     AUTOENCODER_KIND: load_autoencoder,
     nets.NOISY_CLASSIFIER_KIND: nets.NoisyClassifier.from_folder,
     features.KIND: features.load_feature_folder,

@@ -139,6 +139,29 @@ def super_resolution(model, progress):
     return out
 
 
+SHAPES_JUDGE = "features-shapes"
+
+
+def shapes_judge(images: torch.Tensor, *, size: int = 32, seed: int = 0) -> dict:
+    """What the held-out judge (the features-shapes classifier, trained on the train split) makes of shapes images.
+
+    ``judge_test_accuracy``: its accuracy on the 1000 real *test* images, whose labels are known (how good a judge
+    it is). ``class_share_distance``: :func:`companion.metrics.class_share_distance` of ``images`` from those test
+    images (an unconditional model has no requested class to score accuracy against). ``size`` < 32: the images
+    come from a model of that resolution, upsampled to 32; the test images go through the same 2x2 pooling and
+    upsampling. ``shares`` / ``real_shares``: how often it finds each class of :data:`companion.data.SHAPES_CLASSES`
+    in ``images`` / in the test images.
+    """
+    real, labels = data.shapes("test", 32)
+    if size != 32:
+        real = F.interpolate(F.avg_pool2d(real, 32 // size), size=32, mode="bilinear", align_corners=False)
+    _, real_logits, _ = metrics.extract(real, SHAPES_JUDGE)
+    _, logits, _ = metrics.extract(images, SHAPES_JUDGE)
+    return {"judge_test_accuracy": metrics.accuracy_from_logits(real_logits, labels, SHAPES_JUDGE, seed=seed),
+            "class_share_distance": metrics.class_share_distance(logits, real_logits, SHAPES_JUDGE, seed=seed),
+            "shares": metrics.class_shares(logits), "real_shares": metrics.class_shares(real_logits)}
+
+
 def shapes_samples(model, progress):
     """FD of 300 DDIM samples to the shapes train set in the features-shapes space (lower is better).
 
@@ -157,6 +180,12 @@ def shapes_samples(model, progress):
     if _bundled("features-shapes"):
         ref = "train" if size == 32 else metrics.reference("features-shapes", images=real)
         out["fd_features_shapes"] = measurement_dict(metrics.frechet_distance(imgs, ref, feature="features-shapes"))
+        judged = shapes_judge(imgs, size=size)
+        out["judge"] = "features-shapes classifier (held-out: test split)"
+        out["judge_test_accuracy"] = measurement_dict(judged["judge_test_accuracy"])
+        out["judge_class_share_distance"] = measurement_dict(judged["class_share_distance"])
+        out["judge_class_shares"] = {"classes": list(data.SHAPES_CLASSES), "generated": judged["shares"],
+                                     "real_test": judged["real_shares"]}
     else:  # colour statistics only (mean and std per channel, 6-d) until features-shapes is bundled
         def stats(a):
             return torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1).double()
@@ -164,6 +193,12 @@ def shapes_samples(model, progress):
         ref = metrics.Reference("colour statistics (6-d)", "train", stats(real), None)
         out["fd_colour_stats_6d"] = round(metrics.fd_from_features(stats(imgs), ref).value, 5)
     return out
+
+
+def guidance_student(model, progress, guidances=(1.0, 2.0, 3.0)):
+    """:func:`digits_class_quality` of a guidance-distilled student as digits-cond's card measures its teacher (500
+    DDIM-50 samples, 50 per class, at each scale): the scale goes into the network, one call per step."""
+    return digits_cond(model, progress, guidances)
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ _BASE = [
         dict(data="shapes", size=32, autoencoder="shapes-ae", batch=64, lr=1e-3, ema=0.999, warmup=100, hflip=True,
              high_t={"fraction": 0.5, "min": 400},
              unet=unet_config(8, 4, 4, (32, 64, 64), layers=1, attn=(False, False, True))),
-        steps=800, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
+        steps=20000, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
     ),
     Recipe(
         "shapes-pixel",
@@ -103,7 +103,7 @@ _BASE = [
         dict(data="shapes", size=32, batch=16, lr=1e-3, ema=0.999, warmup=100, hflip=True,
              prediction="v_prediction", high_t={"fraction": 0.5, "min": 400},
              unet=unet_config(32, 3, 3, (32, 64, 64), layers=1, attn=(False, False, True))),
-        steps=3000, seed=0, quality=quality.shapes_samples,
+        steps=12000, seed=0, quality=quality.shapes_samples,
     ),
     Recipe(
         "shapes-base16",
@@ -166,6 +166,9 @@ def _flow_recipe(base: Recipe) -> Recipe:
 # ---------------------------------------------------------------------------------------------------------
 # distilled students (companion.distill)
 # ---------------------------------------------------------------------------------------------------------
+GD_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)  # the guidance scales a guidance-distilled student is trained for
+
+
 def _student_recipes() -> list[Recipe]:
     common = dict(data="digits", size=16, class_dropout=0.1, batch=64, lr=2e-4, ema=0.99, warmup=20)
     out = []
@@ -181,6 +184,18 @@ def _student_recipes() -> list[Recipe]:
         "digits-cd", "consistency distillation of digits-cond: 1-4 step LCM sampling", distill.ConsistencyDistillation,
         dict(common, teacher="digits-cond", student_steps=1, target_ema=0.95), steps=2000, seed=0,
         depends_on=("digits-cond",), quality=quality.student))
+    out.append(Recipe(
+        "digits-gd", "guidance distillation of digits-cond: one network call per step does what classifier-free guidance "
+        "does in two, for guidance scales 1, 1.5, ..., 4", distill.GuidanceDistillation,
+        dict(common, teacher="digits-cond", class_dropout=0.0, student_steps=50, guidance_grid=list(GD_GRID),
+             default_guidance=2.0), steps=1500, seed=0, depends_on=("digits-cond",), quality=quality.guidance_student))
+    # reflow fine-tunes the flow teacher with the teacher's own class dropout, so guidance keeps working on it
+    out.append(Recipe(
+        "digits-reflow", "reflow (2-rectified flow) of digits-flow on 4096 of its own (noise, sample) pairs: "
+        "1-4 step FlowMatch Euler", distill.Reflow,
+        dict(common, teacher="digits-flow", class_dropout=0.12, student_steps=1, pairs=4096,
+             teacher_steps=distill.REFLOW_TEACHER_STEPS), steps=1500, seed=0,
+        depends_on=("digits-flow",), quality=quality.student))
     return out
 
 

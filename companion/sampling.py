@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import sys
@@ -31,7 +32,7 @@ from .denoiser import (Conditioning, Denoiser, MemoryProbe, RunRecord, SampleRes
                        check_seed, model_device, resolve_cond, resolve_labels)
 from .device import generator as cpu_generator
 from .device import pick_device, randn
-from .errors import SamplingError  # noqa: F401  (raised by the checks; importable from here)
+from .errors import ModelError, SamplingError  # noqa: F401  (SamplingError: raised by the checks; importable from here)
 from .schedules import SigmaMap, sigma_map
 from .speed import SpeedOptions, accelerate
 
@@ -120,7 +121,7 @@ def step_kwargs_for(sched, seed: int, eta: float | None) -> dict:
 
 def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None, step_kwargs: dict | None = None,
                    callback: Callable[[dict], bool | None] | None = None, check: bool = True, eps_dtype=None,
-                   what: str = "") -> tuple[torch.Tensor, list, dict | None]:
+                   what: str = "", defer_check: bool = False) -> tuple[torch.Tensor, list, dict | None]:
     """diffusers' sampling loop around a ready scheduler (``set_timesteps`` done): for each timestep, scale the
     input, call the denoiser, take the scheduler's step. Returns (final state, per-step wall times, the last
     callback's info if it stopped the chain, else None).
@@ -128,10 +129,13 @@ def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None
     ``callback(info)`` is called after each network call and before the step, with ``info`` = {i, t, x, x_in, eps,
     first_order} (``first_order``: the scheduler is at a full step, not inside a two-stage step); returning True
     stops the chain there. ``check``: refuse non-finite states after a step (``what`` names the run in the error).
-    ``eps_dtype``: cast the prediction (e.g. float64 order measurements on a float32 network).
+    ``eps_dtype``: cast the prediction (e.g. float64 order measurements on a float32 network). ``defer_check``: keep
+    each step's finiteness on the device and read it once after the loop (on a GPU a check per step is a host round
+    trip that stalls the queue); the error still names the first step that diverged.
     """
     kw = step_kwargs or {}
     step_s = []
+    finite: list[torch.Tensor] = []
     timesteps = sched.timesteps if timesteps is None else timesteps
     for i, t in enumerate(timesteps):
         t0 = time.perf_counter()
@@ -146,11 +150,23 @@ def scheduler_loop(sched, denoiser: Denoiser, x: torch.Tensor, *, timesteps=None
                 step_s.append(time.perf_counter() - t0)
                 return x, step_s, info
         x = sched.step(eps, t, x, **kw).prev_sample
-        if check and not torch.isfinite(x).all():
-            denoiser.check_finite(x, what, f"after step {i} of {len(timesteps)} (t={float(t):g}); "
-                                           f"the scheduler configuration was {dict(sched.config)}")
+        if check and defer_check:
+            finite.append(torch.isfinite(x).all())
+        elif check and not torch.isfinite(x).all():
+            _diverged(what, i, t, timesteps, sched)
         step_s.append(time.perf_counter() - t0)
+    if finite:
+        ok = torch.stack(finite).cpu()
+        if not ok.all():
+            i = int((~ok).nonzero()[0])
+            _diverged(what, i, timesteps[i], timesteps, sched)
     return x, step_s, None
+
+
+def _diverged(what: str, i: int, t, timesteps, sched) -> None:
+    """Raise the error of a state that became non-finite after step ``i``."""
+    raise SamplingError(f"{what}: non-finite values (NaN/inf) after step {i} of {len(timesteps)} (t={float(t):g}); "
+                        f"the scheduler configuration was {dict(sched.config)}")
 
 
 # ---------------------------------------------------------------------------------------------- the call
@@ -237,14 +253,18 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
         float64_tables(sched, sigma_map(model))
     labels = resolve_labels(model, class_labels, batch, dev)
     cond = resolve_cond(cond, batch, dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else None
+    # on a GPU the loop's network calls are timed by device events and its finiteness read once at the end: no host
+    # round trip per step (a synchronisation per call was part of what the GPU benchmark measured as loop overhead)
+    events = functools.partial(torch.cuda.Event, enable_timing=True) if cuda else None
     text, cfg, encode_s = _text_conditioning(model, prompts, negatives, guidance, batch, sync)
     if x_T is None:
         x_T = randn((batch, *model.sample_shape), seed)
     sigma0 = getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma = 1 and have none
     x = x_T.to(dev, dtype) * (float(sigma0) if float64 else sigma0)
     denoiser = Denoiser(model, Conditioning(class_labels=labels, image=cond, **text), guidance=cfg, classifier=classifier,
-                        classifier_scale=classifier_scale, sync=sync)
+                        classifier_scale=classifier_scale, sync=sync, events=events)
     denoiser.account(encode_s, "encode")
     if float64 and not hasattr(model, "eps_at_sigma"):  # a trained network computes in its own precision
         denoiser.wrap(lambda network: lambda x, t, **kw: network(x.to(torch.float32), t, **kw).to(torch.float64))
@@ -264,7 +284,7 @@ def sample(model, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float | 
     with float64_arithmetic() if float64 else contextlib.nullcontext():
         x, step_s, _ = scheduler_loop(sched, denoiser, x, timesteps=timesteps, step_kwargs=step_kwargs_for(sched, seed, eta),
                                       callback=keep if trajectory is not None else None, what=spec.key,
-                                      eps_dtype=torch.float64 if float64 else None)
+                                      eps_dtype=torch.float64 if float64 else None, defer_check=cuda)
     if trajectory is not None:
         trajectory.append((-1.0, x.to(dtype).detach().cpu().clone()))
     images, samples = denoiser.finish(x, dtype)
@@ -292,7 +312,16 @@ def _check_pipeline_options(model, flow: bool, speed, float64: bool) -> None:
 
 
 def _text_conditioning(model, prompts, negatives, guidance, batch: int, sync) -> tuple[dict, float | None, float]:
-    """(text fields of the Conditioning, the classifier-free guidance scale, seconds spent in the text encoders)."""
+    """(text fields of the Conditioning, the classifier-free guidance scale, seconds spent in the text encoders).
+
+    A class-conditional network that takes its guidance scale as an input (a guidance-distilled student) gets the
+    scale as a call input instead, and no classifier-free guidance runs (one network call per step)."""
+    if getattr(model, "guidance_embedded", False) and not getattr(model, "text_conditional", False):
+        try:
+            w = model.default_guidance if guidance is None else model.check_guidance(guidance)
+        except ModelError as e:
+            raise SamplingError(str(e)) from None
+        return {"extra": {"guidance_scale": w}}, None, 0.0
     if not getattr(model, "text_conditional", False):
         return {}, guidance, 0.0
     t0 = time.perf_counter()

@@ -1,6 +1,8 @@
 """The one guided network call: conditioning, guidance, counting, the wrap seam and the finite check."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -166,3 +168,67 @@ def test_sampling_in_slices_gives_the_images_of_one_call_per_step(tiny_unet, mon
     parts = sample(model, "dpmpp_2m", 5, seed=0, batch=40, class_labels=labels, guidance=2.0).images
     # a random network's images reach ~300: judged relative to their scale (float32 rounding, amplified over 5 steps)
     assert float((parts - whole).abs().max()) <= 1e-5 * float(whole.abs().max()), float((parts - whole).abs().max())
+
+
+# ------------------------------------------------------------------------------ device-event timing, deferred checks
+class _ClockEvent:
+    """Stands in for torch.cuda.Event(enable_timing=True) on a CPU: record() reads the clock, elapsed_time is in ms."""
+
+    made = 0
+
+    def __init__(self):
+        _ClockEvent.made += 1
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1000.0 * (end.at - self.at)
+
+
+def test_event_timed_calls_are_read_once_after_one_sync(tiny_model):
+    """With device events every loop call is timed without a sync per call; the times are read once (one sync)
+    when asked for, and add up as the per-call host timing does."""
+    from companion.denoiser import Conditioning
+
+    syncs = []
+    events = Denoiser(tiny_model, Conditioning(), sync=lambda: syncs.append(1), events=_ClockEvent)
+    host = Denoiser(tiny_model, Conditioning(), sync=lambda: None)
+    x = torch.randn(2, 1, 8, 8)
+    for t in (900, 500, 100):
+        torch.testing.assert_close(events(x, t), host(x, t))
+    assert syncs == [] and _ClockEvent.made >= 6  # nothing synchronised while the loop ran
+    assert len(events.call_s) == 3 and syncs == [1]  # read once
+    assert events.network_s == pytest.approx(sum(events.call_s)) and syncs == [1]
+    events.account(0.5, "decode")
+    assert events.network_s == pytest.approx(sum(events.call_s) + 0.5)
+    assert all(0 < s < 10 for s in events.call_s)
+    rec = events.record(sampler="ddim", steps=3, wall_s=1.0, step_s=[0.1] * 3, scheduler_class="DDIMScheduler",
+                        scheduler_config={}, seed=0, batch=2, spacing="trailing", stochastic=False)
+    assert rec.network_step_s == events.call_s and rec.overhead_s == pytest.approx(1.0 - rec.network_s)
+
+
+def test_deferred_finiteness_check_still_names_the_first_bad_step(tiny_model):
+    from companion.denoiser import Conditioning
+    from companion.samplers import build_scheduler
+    from companion.sampling import scheduler_loop
+
+    calls = []
+
+    def nan_from_third(network):
+        def wrapped(x, t, **kw):
+            calls.append(t)
+            eps = network(x, t, **kw)
+            return eps * float("nan") if len(calls) >= 3 else eps
+        return wrapped
+
+    for defer in (False, True):
+        calls.clear()
+        sched = build_scheduler("ddim", tiny_model.scheduler_config)
+        sched.set_timesteps(6)
+        d = Denoiser(tiny_model, Conditioning()).wrap(nan_from_third)
+        with pytest.raises(SamplingError, match=r"ddim: non-finite values \(NaN/inf\) after step 2 of 6"):
+            scheduler_loop(sched, d, torch.randn(2, 1, 8, 8), what="ddim", defer_check=defer)
+        # checked per step, the loop stops at the bad step; deferred, it runs to the end and reads the flags once
+        assert len(calls) == (6 if defer else 3)

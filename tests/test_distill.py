@@ -150,22 +150,22 @@ def test_consistency_boundary_is_the_identity(students):
     assert torch.equal(out, x)
 
 
-def test_losses_are_finite_and_decrease_on_a_fixed_batch():
-    """A few optimiser steps on one repeated batch lower both distillation losses (they train, not just run)."""
-    for name in ("digits-pd-1", "digits-cd"):
-        rec = recipes.recipe(name)
-        cfg = dict(rec.config, limit=16, batch=16, teacher="digits-cond")
-        task = (distill.ProgressiveStage if name.startswith("digits-pd") else distill.ConsistencyDistillation)(rec, cfg)
-        opt = torch.optim.Adam(task.net.parameters(), lr=1e-4)
-        losses = []
-        for _ in range(6):
-            loss = task.loss(torch.Generator().manual_seed(0))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
-        assert all(map(torch.isfinite, map(torch.tensor, losses)))
-        assert losses[-1] < losses[0], (name, losses)
+@pytest.mark.parametrize("name, extra", [("digits-pd-1", dict(teacher="digits-cond")), ("digits-cd", {}), ("digits-gd", {}),
+                                         ("digits-reflow", dict(pairs=16, teacher_steps=2))])
+def test_losses_are_finite_and_decrease_on_a_fixed_batch(name, extra):
+    """A few optimiser steps on one repeated batch lower every distillation loss (they train, not just run)."""
+    rec = recipes.recipe(name)
+    task = rec.task(rec, dict(rec.config, limit=16, batch=16, **extra))
+    opt = torch.optim.Adam(task.net.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(6):
+        loss = task.loss(torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < losses[0], (name, losses)
 
 
 STUDENTS = [distill.pd_name(n) for n in distill.PD_STAGES] + ["digits-cd"]
@@ -196,3 +196,68 @@ def test_not_a_student_is_refused(teacher):
 def test_unknown_group_lists_valid_ones():
     with pytest.raises(KeyError, match="digits-pd"):
         recipes.run_group("digits-nope")
+
+
+def test_reflow_pairs_are_the_teachers_own_ode_couplings():
+    """Each pair's sample is where the teacher's FlowMatch Euler run carries that pair's noise (same labels, same
+    steps), the labels are balanced, and the same arguments give the same pairs."""
+    flow = load("digits-flow")
+    z, x0, y = distill.reflow_pairs(flow, 12, steps=3, seed=5, batch=5)
+    assert z.shape == x0.shape == (12, 1, 16, 16) and y.tolist() == [*range(10), 0, 1]
+    again = sample(flow, "euler", 3, x_T=z[5:10], class_labels=y[5:10], batch=5).images
+    torch.testing.assert_close(again, x0[5:10], atol=1e-5, rtol=0)
+    z2, x2, _ = distill.reflow_pairs(flow, 12, steps=3, seed=5, batch=5)
+    assert torch.equal(z, z2) and torch.equal(x0, x2)
+    with pytest.raises(ModelError, match="needs a flow teacher"):
+        distill.reflow_pairs(load("digits-cond"), 4, steps=2)
+
+
+def test_reflow_student_trains_saves_and_samples_as_a_flow(tmp_path):
+    """A shortened reflow recipe end to end: the saved student is a flow model that samples with FlowMatch Euler at
+    its step count, a diffusion sampler is refused on it, and a diffusion teacher is refused for it."""
+    rec = recipes.recipe("digits-reflow")
+    out = recipes.run_recipe("digits-reflow", out=tmp_path / "reflow", steps=2, config=dict(pairs=16, teacher_steps=2, batch=4),
+                             measure=False, progress=False, threads=1)
+    m = load(out)
+    assert m.kind == "flow" and m.card["distillation"]["method"] == "reflow"
+    assert distill.student_sampling(m) == dict(sampler="euler", steps=1)
+    assert torch.isfinite(sample(m, **distill.student_sampling(m), batch=2, class_labels=torch.tensor([3, 4])).images).all()
+    with pytest.raises(Exception, match="flow"):
+        sample(m, "ddim", 4, batch=2)
+    with pytest.raises(ModelError, match="class-conditional flow model"):
+        distill.Reflow(rec, dict(rec.config, pairs=4, teacher_steps=1, limit=8, teacher="digits-cond"))
+    with pytest.raises(ModelError, match="class-conditional diffusion model"):
+        distill.ProgressiveStage(recipes.recipe("digits-pd-32"), dict(recipes.recipe("digits-pd-32").config, teacher="digits-flow"))
+
+
+def test_guidance_student_starts_as_the_teacher_and_learns_the_guided_eps(tmp_path):
+    """At step 0 the student is the teacher's conditional model at every scale (so exactly the target at w = 1);
+    saved and loaded it samples in ONE call per step, refuses scales it was not trained on, and records the scale
+    it was given."""
+    from companion.models import GuidanceDistilledModel
+
+    rec = recipes.recipe("digits-gd")
+    task = distill.GuidanceDistillation(rec, dict(rec.config, limit=16, batch=16))
+    teacher = task.teacher
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([999, 500, 100, 3]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        want = teacher.predict_noise(x, t, y)
+        for k in (0, 3, 6):
+            got = task.net(x, t, class_labels=y + 11 * k).sample
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    out = recipes.run_recipe("digits-gd", out=tmp_path / "gd", steps=2, config=dict(batch=4, limit=16), measure=False,
+                             progress=False, threads=1)
+    m = load(out)
+    assert isinstance(m, GuidanceDistilledModel) and m.guidance_grid == (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+    res = sample(m, "ddim", 4, guidance=2.5, batch=3, class_labels=torch.tensor([1, 2, 3]))
+    assert res.record.nfe == 4 and res.record.guidance == 2.5 and res.record.guidance_embedded
+    assert sample(m, "ddim", 4, batch=2).record.guidance == 2.0  # the card's default scale
+    with pytest.raises(Exception, match=r"1, 1.5, 2, 2.5, 3, 3.5, 4 only .* never saw 5"):
+        sample(m, "ddim", 4, guidance=5.0, batch=2)
+    with pytest.raises(Exception, match="never saw 2.2"):
+        sample(m, "ddim", 4, guidance=2.2, batch=2)
+    # one call of the student at scale w is what the network gives for the (class, w) row: no second pass
+    with torch.no_grad():
+        eps = m.predict_noise(x, t, y, guidance_scale=1.5)
+        torch.testing.assert_close(eps, m.unet(x, t, class_labels=y + 11).sample, atol=1e-5, rtol=1e-5)

@@ -216,3 +216,29 @@ def test_sampler_panel_toggles_between_a_diffusion_and_a_flow_model(tiny_model, 
         assert len(sampler.options) == n_all and sampler.value == "euler"
     finally:
         panel.close()
+
+
+def test_equal_nfe_runs_use_each_models_own_first_order_solver():
+    from companion import load
+
+    flow, diffusion = load("digits-flow"), load("digits-cond")
+    assert flows.first_order_sampling(flow) == {"sampler": "euler"}
+    assert flows.first_order_sampling(diffusion) == {"sampler": "ddim", "spacing": "trailing"}
+    runs = flows.equal_nfe_runs({"reflow": flow, "flow": flow}, steps=(1,), n=128)
+    # the same model from the same noise twice: identical FD, and the table names the two kinds it was given
+    (a, ra), (b, rb) = runs[("reflow", 1)], runs[("flow", 1)]
+    assert a.value == b.value and ra.record.nfe == rb.record.nfe == 1 and ra.record.sampler == "euler"
+    table = flows.equal_nfe_table(runs)
+    assert list(table.columns) == ["NFE reflow / flow", "FD reflow [95 %]", "FD flow [95 %]"]
+    with pytest.raises(ValueError, match="two kinds"):
+        flows.equal_nfe_table({("a", 1): runs[("flow", 1)]})
+
+
+def test_flow_grid_is_diffusers_grid_ending_at_one_thousandth_then_zero():
+    from companion import load
+
+    flow = load("digits-flow")
+    assert flows.flow_grid(flow, "euler", 1) == [1.0, 0.0]
+    assert flows.flow_grid(flow, "euler", 2) == [1.0, 0.001, 0.0]  # the second call covers the last 0.1 % of the path
+    grid = flows.flow_grid(flow, "euler", 4)
+    assert len(grid) == 5 and grid[0] == 1.0 and grid[-2] == 0.001 and grid[-1] == 0.0

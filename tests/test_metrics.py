@@ -292,3 +292,38 @@ def test_shapes_space_validation():
     assert all(b > a for a, b in zip(fd_noise, fd_noise[1:])), fd_noise
     assert all(b > a for a, b in zip(fd_blur, fd_blur[1:])), fd_blur
     assert fd_noise[-1] > 20 * fd_noise[0]
+
+
+def test_class_share_distance_separates_balanced_from_collapsed_sets():
+    # the judge's logits: a balanced real set of four classes, a held-out balanced set, and a set the judge
+    # assigns to one class only (the blobs an unfinished model makes)
+    def logits_for(classes):
+        return F.one_hot(torch.as_tensor(classes), 4).float() * 5
+
+    real = logits_for(torch.arange(1000) % 4)
+    balanced = logits_for(torch.arange(256) % 4)
+    collapsed = logits_for(torch.full((256,), 3))
+    same = M.class_share_distance(balanced, real, "judge")
+    assert same.value == pytest.approx(0.0) and same.low >= 0 and same.high < 0.15
+    worst = M.class_share_distance(collapsed, real, "judge")
+    assert worst.value == pytest.approx(0.75) and worst.low > 0.7
+    assert M.class_shares(collapsed) == [0.0, 0.0, 0.0, 1.0]
+    half = logits_for(torch.cat([torch.arange(128) % 4, torch.full((128,), 3)]))
+    assert M.class_share_distance(half, real, "judge").value == pytest.approx(0.375)
+    with pytest.raises(ValueError, match="5 and 4 classes"):
+        M.class_share_distance(F.one_hot(torch.arange(256) % 5, 5).float(), real, "judge")
+    with pytest.raises(ValueError, match="at least 20 samples"):
+        M.class_share_distance(balanced[:5], real, "judge")
+
+
+def test_shapes_judge_reads_real_test_images_as_real():
+    from companion.data import shapes
+    from companion.quality import shapes_judge
+
+    x, _ = shapes("test", 32)
+    judged = shapes_judge(x[:256])
+    acc = judged["judge_test_accuracy"]
+    assert acc.n == 1000 and 0.8 < acc.value < 1.0  # how good a judge features-shapes is on held-out images
+    # a subset of the real test images is sorted like the whole test set: well inside the 0.15 margin
+    assert judged["class_share_distance"].high < 0.15
+    assert len(judged["shares"]) == 4 and sum(judged["shares"]) == pytest.approx(1.0, abs=0.01)

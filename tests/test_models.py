@@ -44,9 +44,11 @@ def test_every_recipe_is_bundled_with_a_complete_card(name):
     assert all(rel.endswith((".safetensors", ".json")) for rel in card["files"]), card["files"]
 
 
-def test_all_assets_stay_under_60_mb():
+def test_all_assets_stay_under_70_mb():
+    # the repository's size budget for bundled weights (a clone and the wheel carry them all); raised from 60 MB
+    # when the reflow and guidance-distilled students (fp16, 2.2 MB each) joined the 59.7 MB of earlier models
     total = sum(m["bytes"] for card in assets.manifest().values() for m in card["files"].values())
-    assert total < 60e6, total
+    assert total < 70e6, total
 
 
 @pytest.mark.parametrize("name", DIFFUSION)
