@@ -142,6 +142,12 @@ def super_resolution(model, progress):
 SHAPES_JUDGE = "features-shapes"
 
 
+def as_low_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
+    """32x32 images as a ``size``-pixel model's upsampled output is compared: 2x2 (4x4, ...) pooled, then bilinearly
+    upsampled back to 32, so only the model's own errors count."""
+    return F.interpolate(F.avg_pool2d(images, 32 // size), size=32, mode="bilinear", align_corners=False)
+
+
 def shapes_judge(images: torch.Tensor, *, size: int = 32, seed: int = 0) -> dict:
     """What the held-out judge (the features-shapes classifier, trained on the train split) makes of shapes images.
 
@@ -154,7 +160,7 @@ def shapes_judge(images: torch.Tensor, *, size: int = 32, seed: int = 0) -> dict
     """
     real, labels = data.shapes("test", 32)
     if size != 32:
-        real = F.interpolate(F.avg_pool2d(real, 32 // size), size=32, mode="bilinear", align_corners=False)
+        real = as_low_resolution(real, size)
     _, real_logits, _ = metrics.extract(real, SHAPES_JUDGE)
     _, logits, _ = metrics.extract(images, SHAPES_JUDGE)
     return {"judge_test_accuracy": metrics.accuracy_from_logits(real_logits, labels, SHAPES_JUDGE, seed=seed),
@@ -176,7 +182,7 @@ def shapes_samples(model, progress):
     size = model.image_shape[-1]
     if size != 32:
         imgs = F.interpolate(imgs, size=32, mode="bilinear", align_corners=False)
-        real = F.interpolate(F.avg_pool2d(real, 32 // size), size=32, mode="bilinear", align_corners=False)
+        real = as_low_resolution(real, size)
     if _bundled("features-shapes"):
         ref = "train" if size == 32 else metrics.reference("features-shapes", images=real)
         out["fd_features_shapes"] = measurement_dict(metrics.frechet_distance(imgs, ref, feature="features-shapes"))
@@ -193,12 +199,6 @@ def shapes_samples(model, progress):
         ref = metrics.Reference("colour statistics (6-d)", "train", stats(real), None)
         out["fd_colour_stats_6d"] = round(metrics.fd_from_features(stats(imgs), ref).value, 5)
     return out
-
-
-def guidance_student(model, progress, guidances=(1.0, 2.0, 3.0)):
-    """:func:`digits_class_quality` of a guidance-distilled student as digits-cond's card measures its teacher (500
-    DDIM-50 samples, 50 per class, at each scale): the scale goes into the network, one call per step."""
-    return digits_cond(model, progress, guidances)
 
 
 @torch.no_grad()

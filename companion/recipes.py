@@ -188,7 +188,7 @@ def _student_recipes() -> list[Recipe]:
         "digits-gd", "guidance distillation of digits-cond: one network call per step does what classifier-free guidance "
         "does in two, for guidance scales 1, 1.5, ..., 4", distill.GuidanceDistillation,
         dict(common, teacher="digits-cond", class_dropout=0.0, student_steps=50, guidance_grid=list(GD_GRID),
-             default_guidance=2.0), steps=1500, seed=0, depends_on=("digits-cond",), quality=quality.guidance_student))
+             default_guidance=2.0), steps=1500, seed=0, depends_on=("digits-cond",), quality=quality.digits_cond))  # measured as its teacher is: the scale goes into the network
     # reflow fine-tunes the flow teacher with the teacher's own class dropout, so guidance keeps working on it
     out.append(Recipe(
         "digits-reflow", "reflow (2-rectified flow) of digits-flow on 4096 of its own (noise, sample) pairs: "
