@@ -49,7 +49,8 @@ from .errors import CacheWarning  # noqa: F401  (raised here; defined with the o
 BENCH_VERSION = "5"  # bump when a row's definition changes: old cache entries are then not reused
 # ode_distance is opt-in: its reference is a DOP853 solve costing hundreds of network evaluations per seed.
 DEFAULT_METRICS = ("fd", "prdc", "class_accuracy")
-ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance")
+# clip_score is opt-in too: text-to-image pipelines only, scored against the run's prompt by a CLIP (the hub extra)
+ALL_METRICS = (*M.IMAGE_METRICS, "ode_distance", "clip_score")
 DEFAULT_N_SAMPLES = 256
 DEFAULT_N_ODE = 64  # samples whose reference ODE solution is solved (the expensive part of ode_distance)
 CONFIG_COLUMNS = ("model", "sampler", "steps", "guidance", "mode", "seed", "n_samples")
@@ -57,7 +58,8 @@ DEVICE_COLUMNS = ("device_kind", "device_name", "dtype")
 # Parts of a run's configuration that change its timings but not its samples: left out of the quality key.
 TIMING_ONLY = ("machine",)
 # Metrics where a larger value is better; every other metric (fd, kid, ode_distance, ...) is lower-better.
-HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "log_likelihood"})
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "log_likelihood",
+                              "clip_score"})
 
 
 
@@ -103,17 +105,32 @@ def quality_space(model, metrics: Sequence[str], feature: str | None, reference_
     return feature or default_feature_net_name(model.image_shape)
 
 
+def check_clip_score(model, metrics: Sequence[str], mode: Mapping) -> None:
+    """``clip_score`` scores each image against the prompt it was drawn for: it needs a text-to-image model and a
+    prompt in the run's mode."""
+    if "clip_score" not in metrics:
+        return
+    if not getattr(model, "text_conditional", False):
+        raise ModelError(f"clip_score needs a text-to-image model; {getattr(model, 'name', 'model')!r} takes no prompt. "
+                         f"Image metrics for it: {', '.join(M.IMAGE_METRICS)}")
+    if not isinstance(dict(mode).get("prompt"), str) or not dict(mode)["prompt"].strip():
+        raise ValueError(f"clip_score scores images against their prompt: give one in the mode, e.g. "
+                         f"modes=({{'prompt': 'a red car'}},); got mode {dict(mode)!r}")
+
+
 def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
-               metrics: Sequence[str], feature: str | None, n_ode: int, reference_images=None) -> dict:
+               metrics: Sequence[str], feature: str | None, n_ode: int, reference_images=None, clip=None) -> dict:
     """Everything a run's result depends on: the cache key is a digest of this.
 
     The model enters as its fingerprint as it is in memory (weights, class, schedule, speed wrapper), not the
     sha256 it was loaded with, so a model changed in place or wrapped with speed options is a new model; the
     feature network the image metrics use enters the same way, and a reference image set by its digest; library
     versions and the companion's own source digest, the device (kind and name) and dtype the model computes in, and
-    the host (rows hold timings; :data:`TIMING_ONLY`) complete it.
+    the host (rows hold timings; :data:`TIMING_ONLY`) complete it. With ``clip_score``, the CLIP that scores enters by
+    its fingerprint too (``clip``: a Hub id, folder or loaded pair; default :data:`companion.metrics.CLIP_DEFAULT`).
     """
     feature_name = quality_space(model, metrics, feature, reference_images)
+    check_clip_score(model, metrics, mode)
     config = {
         "model": getattr(model, "name", "model"),
         "model_fingerprint": model_fingerprint(model),
@@ -136,7 +153,16 @@ def run_config(model, sampler: str, steps: int, guidance, mode: Mapping, seed: i
     }
     if reference_images is not None:  # only then: the keys of runs without one stay what they were
         config["reference"] = tensor_digest(reference_images)
+    if "clip_score" in metrics:
+        clip_model = M.clip_pair(clip or M.CLIP_DEFAULT)[0]
+        config["clip"] = {"name": clip_name(clip), "fingerprint": model_fingerprint(clip_model)}
     return config
+
+
+def clip_name(clip) -> str:
+    if clip is None:
+        return M.CLIP_DEFAULT
+    return str(clip) if not isinstance(clip, tuple) else (getattr(clip[0], "name_or_path", "") or type(clip[0]).__name__)
 
 
 def cache_key(config: dict) -> str:
@@ -225,7 +251,7 @@ class CacheConflictError(ValueError):
 
 
 QUALITY_NAMES = ("fd", "kid", "kid_normalised", "precision", "recall", "density", "coverage", "class_accuracy",
-                 "ode_distance", "out_of_range_fraction")
+                 "ode_distance", "out_of_range_fraction", "clip_score")
 
 
 def _cache_folder(folder: Path) -> Path:
@@ -393,7 +419,7 @@ def initial_noise(model, n: int, seed: int) -> torch.Tensor:
 
 def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, n_samples: int,
                 metrics: Sequence[str], feature: str | None, n_ode: int, cache: RunCache, config: dict,
-                reference_images=None) -> dict:
+                reference_images=None, clip=None) -> dict:
     """Sample once and measure everything: one row of the sweep table."""
 
     labels = class_labels_for(model, n_samples)
@@ -427,6 +453,10 @@ def measure_run(model, sampler: str, steps: int, guidance, mode: Mapping, seed: 
             x_T = initial_noise(model, n_samples, seed)[:k]
             ref = _reference_solution(model, x_T, None if labels is None else labels[:k], guidance, cache)
             row.update(M.as_columns({"ode_distance": M.ode_distance(res.samples[:k], ref, seed=seed)}))
+    if "clip_score" in metrics:  # as a reader sees the images: clamped to [-1, 1], then 8 bits
+        score = M.clip_score(res.images.clamp(-1, 1), dict(mode)["prompt"], clip=M.clip_pair(clip or M.CLIP_DEFAULT), seed=seed)
+        row.update(M.as_columns({"clip_score": score}))
+        row["clip"] = config["clip"]["name"]
     return row
 
 
@@ -462,16 +492,17 @@ def check_grid(samplers: Sequence[str], steps: Sequence[int], guidance=(None,), 
 
 
 def run_one(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int, *, n_samples: int, metrics,
-            feature: str | None, n_ode: int, cache: RunCache, reference_images=None) -> dict:
+            feature: str | None, n_ode: int, cache: RunCache, reference_images=None, clip=None) -> dict:
     """One run of a sweep: its row from ``cache`` when there, else measured and stored at once. The row carries
     ``cached``, ``cache_key`` and ``quality_key``."""
-    config = run_config(model, sampler, steps, guidance, mode, seed, n_samples, metrics, feature, n_ode, reference_images)
+    config = run_config(model, sampler, steps, guidance, mode, seed, n_samples, metrics, feature, n_ode, reference_images,
+                        clip)
     key = cache_key(config)
     row = cache.get(key, config)
     cached = row is not None
     if not cached:
         row = measure_run(model, sampler, steps, guidance, mode, seed, n_samples, metrics, feature, n_ode, cache, config,
-                          reference_images)
+                          reference_images, clip)
         cache.put(key, config, row)
     return dict(row, cached=cached, cache_key=key, quality_key=quality_key(config))
 
@@ -479,7 +510,7 @@ def run_one(model, sampler: str, steps: int, guidance, mode: Mapping, seed: int,
 def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
                n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
                cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
-               on_result: Callable[[dict], None] | None = None, reference_images=None) -> Iterator[dict]:
+               on_result: Callable[[dict], None] | None = None, reference_images=None, clip=None) -> Iterator[dict]:
     """Yield one result row per run as it finishes (cached runs first appear instantly)."""
     from tqdm.auto import tqdm
 
@@ -488,13 +519,15 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
     samplers, steps, guidance, modes, seeds, metrics = check_grid(samplers, steps, guidance, modes, seeds,
                                                                   n_samples=n_samples, metrics=metrics)
     quality_space(model, metrics, feature, reference_images)
+    for mode in modes:
+        check_clip_score(model, metrics, mode)
     cache = RunCache(cache_dir)
     grid = list(itertools.product(samplers, steps, guidance, modes, seeds))
     bar = tqdm(grid, desc=f"sweep {getattr(model, 'name', '')}", disable=not progress, unit="run")
     for sampler, n, g, mode, seed in bar:
         bar.set_postfix_str(f"{sampler} {n} steps", refresh=False)
         row = run_one(model, sampler, n, g, mode, seed, n_samples=n_samples, metrics=metrics, feature=feature,
-                      n_ode=n_ode, cache=cache, reference_images=reference_images)
+                      n_ode=n_ode, cache=cache, reference_images=reference_images, clip=clip)
         if on_result is not None:
             on_result(row)
         yield row
@@ -503,7 +536,7 @@ def iter_sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(N
 def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,), modes=({},), seeds=(0,), *,
           n_samples: int = DEFAULT_N_SAMPLES, metrics=DEFAULT_METRICS, feature: str | None = None,
           cache_dir: str | Path | None = None, n_ode: int = DEFAULT_N_ODE, progress: bool = True,
-          on_result: Callable[[dict], None] | None = None, reference_images=None) -> pd.DataFrame:
+          on_result: Callable[[dict], None] | None = None, reference_images=None, clip=None) -> pd.DataFrame:
     """Run (or read from the cache) every sampler x steps x guidance x mode x seed; one table row per run.
 
     ``model``: a loaded model or a bundled name. ``modes``: dicts of extra keyword arguments for ``sample``
@@ -514,17 +547,19 @@ def sweep(model, samplers: Sequence[str], steps: Sequence[int], guidance=(None,)
     Image metrics are measured in the feature space trained on the model's own data; a model from the Hub or a
     pipeline has none and is refused unless ``reference_images`` (real images of its data, (N, C, H, W) in [-1, 1]) is
     given, against which it is then scored in ``feature`` (:func:`quality_space`). A pipeline's prompt goes in a
-    mode: ``modes=({"prompt": "a red car"},)``.
+    mode: ``modes=({"prompt": "a red car"},)``; ``clip_score`` (opt-in) scores its images against that prompt with
+    ``clip`` (a Hub id, folder or loaded ``(model, processor)``; default :data:`companion.metrics.CLIP_DEFAULT`).
     """
     rows = list(iter_sweep(model, samplers, steps, guidance, modes, seeds, n_samples=n_samples, metrics=metrics,
                            feature=feature, cache_dir=cache_dir, n_ode=n_ode, progress=progress, on_result=on_result,
-                           reference_images=reference_images))
+                           reference_images=reference_images, clip=clip))
     return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------- tables and Pareto fronts
 def quality_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in ("fd", "kid", "precision", "recall", "density", "coverage", "class_accuracy", "ode_distance")
+    return [c for c in ("fd", "kid", "precision", "recall", "density", "coverage", "class_accuracy", "ode_distance",
+                        "clip_score")
             if c in df.columns and df[c].notna().any()]
 
 

@@ -519,6 +519,11 @@ def add_bench(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated classifier-free guidance scales ('none' = unguided)")
     p.add_argument("--spacing", type=lambda s: _csv(s, str, "spacing"), default=None,
                    help="comma-separated timestep spacings to compare (default: each sampler's own)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image pipelines: a prompt (repeat for several; each is its own run)")
+    p.add_argument("--negative-prompt", default=None, help="text-to-image pipelines: the negative prompt of every run")
+    p.add_argument("--clip", default=None,
+                   help=f"CLIP (Hub id or folder) of the clip_score metric (default {bench.M.CLIP_DEFAULT}; the hub extra)")
     p.add_argument("--seeds", type=lambda s: _csv(s, int, "seed"), default=[0], help="comma-separated seeds")
     p.add_argument("--n-samples", type=int, default=bench.DEFAULT_N_SAMPLES,
                    help=f"samples per run (default {bench.DEFAULT_N_SAMPLES})")
@@ -547,6 +552,19 @@ def _write_bench(df: pd.DataFrame, out: Path, title: str) -> None:
     html_report(df, out / "report.html", title=title)
 
 
+def bench_modes(spacings, prompts, negative_prompt) -> list[dict]:
+    """The sweep's modes: every spacing x every prompt (a pipeline's prompt is a ``sample`` argument like spacing)."""
+    if negative_prompt is not None and not prompts:
+        raise ValueError(f"--negative-prompt {negative_prompt!r} needs a --prompt")
+    for p in prompts or ():
+        if not p.strip():
+            raise ValueError(f"--prompt {p!r} is empty; give the text to draw")
+    texts = [{}] if not prompts else [
+        {"prompt": p, **({} if negative_prompt is None else {"negative_prompt": negative_prompt})} for p in prompts]
+    spaced = [{}] if not spacings else [{"spacing": s} for s in spacings]
+    return [dict(a, **b) for a in spaced for b in texts]
+
+
 def cmd_bench(args) -> int:
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "samplers", "steps", "out") if not getattr(args, k)]
     if missing:
@@ -568,11 +586,12 @@ def cmd_bench(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        modes = [{}] if not args.spacing else [{"spacing": s} for s in args.spacing]
+        modes = bench_modes(args.spacing, args.prompt, args.negative_prompt)
         t0 = time.perf_counter()
         df = sharding.distributed_sweep(models, args.samplers, args.steps, args.guidance, modes, args.seeds,
                                         n_samples=args.n_samples, metrics=args.metrics, cache_dir=args.cache_dir or out / "cache",
-                                        device=args.device, log_dir=out / "log", progress=not args.no_progress, state=state)
+                                        device=args.device, log_dir=out / "log", progress=not args.no_progress, state=state,
+                                        clip=args.clip)
     except (ModelError, ValueError, TypeError, sharding.LaunchError, DeviceError) as e:
         print(f"error{f' (rank {state.process_index})' if state.num_processes > 1 else ''}: {e}", file=sys.stderr)
         return 2

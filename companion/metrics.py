@@ -61,7 +61,7 @@ METRICS_VERSION = "2"  # part of bench cache keys: bump when a metric's definiti
 # The least sample counts each metric accepts. FD needs a well-conditioned covariance of the 64-d
 # features (n well above the dimension); k-NN manifolds need many more points than k.
 MIN_SAMPLES = {"fd": 128, "kid": 50, "kid_normalised": 50, "prdc": 50, "class_accuracy": 20, "ode_distance": 4,
-               "log_likelihood": 20, "energy_distance": 50}
+               "log_likelihood": 20, "energy_distance": 50, "clip_score": 4}
 DEFAULT_BOOTSTRAP = 200
 DEFAULT_K = 5
 CONFIDENCE = 0.95
@@ -705,6 +705,20 @@ def load_clip(name_or_path: str = CLIP_DEFAULT, *, device=None):
     return model.to(device or "cpu"), CLIPProcessor.from_pretrained(name_or_path)
 
 
+_CLIPS: dict[str, tuple] = {}
+
+
+def clip_pair(clip=CLIP_DEFAULT) -> tuple:
+    """``(model, processor)`` for ``clip``: a loaded pair as it is, a Hub id or folder loaded once per process (a
+    sweep scores many runs with one CLIP)."""
+    if isinstance(clip, tuple):
+        return clip
+    key = str(clip)
+    if key not in _CLIPS:
+        _CLIPS[key] = load_clip(key)
+    return _CLIPS[key]
+
+
 @torch.no_grad()
 def clip_score(images: torch.Tensor, prompts, *, clip=CLIP_DEFAULT, batch: int = 32, n_boot: int = DEFAULT_BOOTSTRAP,
                seed: int = 0) -> Measurement:
@@ -719,10 +733,11 @@ def clip_score(images: torch.Tensor, prompts, *, clip=CLIP_DEFAULT, batch: int =
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"clip_score needs RGB images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
     n = len(images)
+    require_samples(n, "clip_score")
     prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
     if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"clip_score needs one prompt or {n} prompts (strings), got {len(prompts)}")
-    model, processor = load_clip(clip) if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__") else clip
+    model, processor = clip_pair(clip)
     dev = next(model.parameters()).device
     pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     scores = []
@@ -733,9 +748,48 @@ def clip_score(images: torch.Tensor, prompts, *, clip=CLIP_DEFAULT, batch: int =
         img = F.normalize(out.image_embeds.float(), dim=-1)
         txt = F.normalize(out.text_embeds.float(), dim=-1)
         scores.append(100 * (img * txt).sum(-1).clamp(min=0).cpu())
-    name = clip if isinstance(clip, str) else type(model).__name__
+    name = str(clip) if not isinstance(clip, tuple) else (getattr(model, "name_or_path", "") or type(model).__name__)
     return mean_measurement("clip_score", torch.cat(scores), feature=f"CLIP ({name})",
                             note="100 * max(cosine(image, prompt), 0), mean over images", n_boot=n_boot, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------- Inception-FID
+INCEPTION = "inception-v3 (torch-fidelity, FID weights)"
+
+
+def load_inception(dims: int = 2048) -> nn.Module:
+    """torchmetrics' FID Inception-v3 (torch-fidelity's port of the TensorFlow FID network; its weights are fetched
+    on first use). Needs the hub extra: torch-fidelity is kept out of the default install because it pulls torchvision."""
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(dims)]).eval()
+    except ModuleNotFoundError as e:
+        raise ImportError(f"Inception-FID needs torch-fidelity ({str(e).splitlines()[0]}); install the hub extra: "
+                          f"pip install '.[hub]' (it pulls torchvision; on a CPU machine install torch's CPU wheels first)") from None
+
+
+@torch.no_grad()
+def inception_fd(images: torch.Tensor, reference_images: torch.Tensor, *, inception: nn.Module | None = None,
+                 batch: int = 64, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Measurement:
+    """Frechet distance in Inception-v3 space (FID) between ``images`` and ``reference_images``, both (N, 3, H, W) in
+    [-1, 1]: each set quantised to 8 bits, as saved images are, and fed to ``inception`` (default
+    :func:`load_inception`, which resizes to 299 px itself). Value and interval as :func:`fd_from_features`
+    (bias-corrected, bootstrap over both sets); the note keeps the plug-in value, the number FID tables report, which
+    is biased upward at small n: published FIDs use 50,000 samples, so compare only at equal n."""
+    for what, x in (("images", images), ("reference_images", reference_images)):
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"inception_fd needs RGB {what} (N, 3, H, W) in [-1, 1], got {tuple(getattr(x, 'shape', ()))}")
+        require_samples(len(x), "fd")
+    net = inception if inception is not None else load_inception()
+    dev = next(net.parameters()).device
+
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return torch.cat([net(pixels[i : i + batch].to(dev)).double().cpu() for i in range(0, len(pixels), batch)])
+
+    ref = Reference(INCEPTION if inception is None else type(net).__name__, "reference_images", feats(reference_images), None)
+    return fd_from_features(feats(images), ref, n_boot=n_boot, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------- all at once

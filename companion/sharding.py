@@ -191,14 +191,15 @@ def distributed_sweep(models: Sequence[str], samplers, steps, guidance=(None,), 
                       n_samples: int = bench.DEFAULT_N_SAMPLES, metrics=bench.DEFAULT_METRICS, feature: str | None = None,
                       cache_dir: str | Path | None = None, n_ode: int = bench.DEFAULT_N_ODE, device: str | None = None,
                       log_dir: str | Path | None = None, progress: bool = True, state=None,
-                      loader: Callable = load) -> pd.DataFrame | None:
+                      loader: Callable = load, clip=None) -> pd.DataFrame | None:
     """Sweep ``models`` x the grid over every rank of this launch; the main rank returns the table (grid order), the
     others None. In one process it is :func:`companion.bench.sweep` over several models.
 
     ``models``: bundled names or asset folders; ``loader(name, device=...)`` loads one (default
     :func:`companion.models.load`). ``cache_dir`` must be a folder every rank can write (a shared file system across
     machines); it is checked on every rank before any work (:func:`preflight`). ``log_dir``: where each rank appends
-    its events (``rank-<i>.jsonl``: pid, device, each run cached or computed). Each table row names the device it
+    its events (``rank-<i>.jsonl``: pid, device, each run cached or computed). ``clip``: the CLIP of the
+    ``clip_score`` metric (:func:`companion.bench.sweep`). Each table row names the device it
     was measured on (``device_kind``, ``device_name``, ``host``) and carries ``rank``.
     """
     from tqdm.auto import tqdm
@@ -224,11 +225,13 @@ def distributed_sweep(models: Sequence[str], samplers, steps, guidance=(None,), 
             except (ModelError, ValueError, OSError) as e:
                 raise ModelError(f"rank {rank}: cannot load model {name!r}: {e}") from e
             bench.quality_space(loaded[name], metrics, feature)  # a model the metrics refuse fails before its runs
+            for mode in modes:
+                bench.check_clip_score(loaded[name], metrics, mode)
         return loaded[name]
 
     def measure(run: Run) -> dict:
         row = bench.run_one(model_for(run.model), run.sampler, run.steps, run.guidance, dict(run.mode), run.seed,
-                            n_samples=n_samples, metrics=metrics, feature=feature, n_ode=n_ode, cache=cache)
+                            n_samples=n_samples, metrics=metrics, feature=feature, n_ode=n_ode, cache=cache, clip=clip)
         return dict(row, rank=rank)
 
     # 1. which runs are cached: model i's keys are worked out by rank i mod world (it loads that model once)
@@ -244,7 +247,7 @@ def distributed_sweep(models: Sequence[str], samplers, steps, guidance=(None,), 
             continue
         for run in (r for r in grid if r.model == name):
             config = bench.run_config(model, run.sampler, run.steps, run.guidance, dict(run.mode), run.seed, n_samples,
-                                      metrics, feature, n_ode)
+                                      metrics, feature, n_ode, clip=clip)
             key = bench.cache_key(config)
             row = cache.get(key, config)
             if row is not None:

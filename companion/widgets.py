@@ -632,9 +632,12 @@ class ImageDistance:
         target = self.teacher if self.teacher is not None else getattr(model, "base", model)
         target = getattr(target, "original", target)  # a quantised copy is measured against its float network
         yielding(target)
+        text = {}
+        if getattr(target, "text_conditional", False):  # a pipeline's reference answers the same prompt
+            text = dict(prompt=result.record.prompt, negative_prompt=result.record.negative_prompt)
         ref = self.cache.get(target, result.x_T, method="sampler", sampler=self.reference_sampler,
                              steps=self.reference_steps, class_labels=result.class_labels,
-                             guidance=result.record.guidance, cond=cond)
+                             guidance=result.record.guidance, cond=cond, **text)
         if not getattr(target, "is_latent", False):
             return ref
         hit = self._decoded.get(id(ref))

@@ -124,3 +124,23 @@ def browser(chromium, tmp_path_factory):
         _browser_driver().stop_group(proc)
         if pw is not None:
             pw.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP (text and vision towers, processor, a letter tokenizer) saved to a folder: no download."""
+    pytest.importorskip("transformers")
+    from companion.pipelines import letter_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = tmp_path_factory.mktemp("clip")
+    tok = letter_tokenizer(folder / "tokenizer")
+    cfg = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder

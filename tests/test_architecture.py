@@ -19,13 +19,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("device", "assets", "samplers", "taxonomy"),            # where things run and live; the sampler registry
     ("schedules", "data", "speed"),                          # noise levels, data sets, speed options for a network
     ("nets", "features", "oracle", "provenance", "caching"), # other networks; exact scores; what produced a result; feature caching
-    ("models", "pipelines"),                                 # the diffusion-model interface and the one loader; pipelines
+    ("models", "pipelines", "random_pipelines"),             # the diffusion-model interface and the one loader; pipelines (and random ones)
     ("denoiser",),                                           # the one guided network call and the run record
     ("sampling",),                                           # diffusers' scheduler loop: sample(), cascade()
     ("sde", "partial", "reference", "quantise"),             # other chains; reference solutions; int8 networks
     ("metrics",),                                            # quality with intervals
     ("calibration",),                                        # metrics checked on populations with known answers
-    ("bench", "sharding", "design", "orders", "verdicts"),   # sweeps (over ranks too), costs, measured orders; rules stated before a run
+    ("bench", "sharding", "design", "orders", "verdicts", "text_to_image"),  # sweeps (over ranks too), costs, measured orders; rules stated before a run; real models side by side
     ("train", "distill", "quality", "flows", "recipes", "quicktrain"),  # training and what it records on the cards; rectified flow; training in seconds
     ("plots", "report", "exercises", "offline", "implement", "diagrams", "book"),  # figures, images and tables for readers; self-checks; offline views; implement-it graders; drawn diagrams; the static site
     ("widgets",),                                            # the panels

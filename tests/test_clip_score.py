@@ -1,4 +1,4 @@
-"""The CLIP score on a tiny random CLIP written here (no download): the definition, its interval, its refusals."""
+"""The CLIP score on a tiny random CLIP (tests/conftest.py, no download): the definition, its interval, its refusals."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,24 +6,6 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from companion import metrics  # noqa: E402
-from companion.pipelines import letter_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    folder = tmp_path_factory.mktemp("clip")
-    tok = letter_tokenizer(folder / "tokenizer")
-    cfg = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(folder)
-    return folder
 
 
 def test_clip_score_is_the_clamped_cosine_of_clips_own_embeddings(tiny_clip):
@@ -52,5 +34,52 @@ def test_clip_score_refuses_what_it_cannot_score(tiny_clip):
     clip = metrics.load_clip(str(tiny_clip))
     with pytest.raises(ValueError, match=r"RGB images \(N, 3, H, W\)"):
         metrics.clip_score(torch.zeros(2, 1, 16, 16), "a digit", clip=clip)
-    with pytest.raises(ValueError, match="one prompt or 3 prompts"):
-        metrics.clip_score(torch.zeros(3, 3, 32, 32), ["a", "b"], clip=clip)
+    with pytest.raises(ValueError, match="one prompt or 4 prompts"):
+        metrics.clip_score(torch.zeros(4, 3, 32, 32), ["a", "b"], clip=clip)
+    with pytest.raises(ValueError, match="clip_score needs at least 4 samples, got 3"):
+        metrics.clip_score(torch.zeros(3, 3, 32, 32), "a ring", clip=clip)
+
+
+# ------------------------------------------------------------------------------------------------ Inception-FID
+class PixelStats(torch.nn.Module):
+    """A stand-in for Inception-v3 with its interface (uint8 (N, 3, H, W) in, features out): per-channel means and
+    a few pooled values of the 8-bit pixels, so the test can compute the expected features itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255 * self.scale, 2).flatten(1)
+
+
+def test_inception_fd_is_the_frechet_distance_of_8_bit_images_in_the_networks_space():
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(160, 3, 16, 16, generator=g) * 2 - 1
+    same = torch.rand(160, 3, 16, 16, generator=g) * 2 - 1
+    shifted = (same * 0.5 + 0.3).clamp(-1, 1)
+    net = PixelStats()
+    m_same = metrics.inception_fd(same, real, inception=net, batch=50)
+    m_shift = metrics.inception_fd(shifted, real, inception=net, batch=50)
+    with torch.no_grad():
+        want = metrics.fd_from_features(net(((shifted + 1) * 127.5).round().to(torch.uint8)).double(),
+                                        metrics.Reference("x", "r", net(((real + 1) * 127.5).round().to(torch.uint8)), None))
+    assert m_shift.value == pytest.approx(want.value, rel=1e-9) and m_shift.n == 160
+    assert m_shift.low > m_same.high  # a shifted set is clearly farther than a second draw of the same distribution
+    assert m_same.low <= 0.0 <= m_same.high  # bias-corrected: a second draw of the same distribution sits at 0
+    with pytest.raises(ValueError, match=r"inception_fd needs RGB images \(N, 3, H, W\)"):
+        metrics.inception_fd(torch.zeros(160, 1, 16, 16), real, inception=net)
+    with pytest.raises(ValueError, match="fd needs at least 128 samples, got 10"):
+        metrics.inception_fd(same[:10], real, inception=net)
+
+
+def test_inception_fd_without_torch_fidelity_names_the_hub_extra():
+    pytest.importorskip("torchmetrics")
+    try:
+        import torch_fidelity  # noqa: F401
+        pytest.skip("torch-fidelity is installed here: the refusal cannot happen")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"Inception-FID needs torch-fidelity .*install the hub extra: pip install '\.\[hub\]'"):
+        metrics.load_inception()

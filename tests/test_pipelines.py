@@ -482,6 +482,81 @@ def test_pipeline_images_are_not_scored_in_a_foreign_feature_space(models, tmp_p
     assert timing["mode"].iloc[0] == "prompt=a cat"
 
 
+def test_clip_score_in_a_sweep_scores_each_run_against_its_own_prompt_and_keys_the_clip(models, tiny_clip, tiny_model,
+                                                                                          tmp_path):
+    from companion import metrics
+
+    m, clip = models["sd"], str(tiny_clip)
+    modes = ({"prompt": "a cat"}, {"prompt": "a red dog"})
+    kw = dict(n_samples=4, metrics=("clip_score",), cache_dir=tmp_path, progress=False)
+    df = bench.sweep(m, ["ddim"], [2], modes=modes, clip=clip, **kw)
+    for row, mode in zip(df.itertuples(), modes):
+        images = sample(m, sampler="ddim", steps=2, seed=0, batch=4, **mode).images
+        want = metrics.clip_score(images.clamp(-1, 1), mode["prompt"], clip=clip)
+        assert row.clip_score == pytest.approx(want.value, abs=1e-5)
+        assert row.clip_score_low <= row.clip_score <= row.clip_score_high and row.clip_score_n == 4
+        assert row.clip == clip and not row.cached
+    assert df.clip_score.iloc[0] != df.clip_score.iloc[1]  # each run is scored against its own prompt
+    assert bench.sweep(m, ["ddim"], [2], modes=modes, clip=clip, **kw)["cached"].all()
+    # another CLIP (the same one with one weight changed in memory) is another key, never the cached row
+    pair = metrics.load_clip(clip)
+    with torch.no_grad():
+        next(pair[0].parameters()).mul_(0.5)
+    other = bench.sweep(m, ["ddim"], [2], modes=modes[:1], clip=pair, **kw)
+    assert not other["cached"].any() and other.cache_key.iloc[0] != df.cache_key.iloc[0]
+    with pytest.raises(ValueError, match=r"clip_score scores images against their prompt: give one in the mode.*got mode \{\}"):
+        bench.sweep(m, ["ddim"], [2], clip=clip, **kw)
+    with pytest.raises(ModelError, match=r"clip_score needs a text-to-image model; .* takes no prompt"):
+        bench.sweep(tiny_model, ["ddim"], [2], modes=modes[:1], clip=clip, **kw)
+
+
+def test_real_models_comparison_measures_each_setup_once_loaded_with_its_clip_score(folders, tiny_clip):
+    from companion import metrics
+    from companion.text_to_image import Setup, compare, hub_status
+
+    calls = []
+
+    def loader(name, **kw):
+        calls.append((name, kw))
+        return load(name, **kw)
+
+    sd, lcm = str(folders["sd"]), str(folders["lcm"])
+    setups = (Setup("sd ddim 3", sd, "ddim", 3, 2.0), Setup("sd dpm++ 2", sd, "dpmpp_2m", 2, 2.0),
+              Setup("lcm 2", lcm, "lcm", 2, None))
+    prompts, seen = ["a cat", "a red dog"], {}
+    table = compare(setups, prompts, seeds=(0, 1), clip=str(tiny_clip), device="cpu", loader=loader,
+                    on_row=lambda row, images: seen.setdefault(row["setup"], images))
+    assert [c[0] for c in calls] == [sd, lcm]  # setups that share a model share one load
+    assert list(table["nfe"]) == [6, 4, 2] and list(table["images"]) == [4, 4, 4]
+    for row in table.itertuples():
+        want = metrics.clip_score(seen[row.setup].clamp(-1, 1), prompts * 2, clip=str(tiny_clip))
+        assert row.clip_score == pytest.approx(want.value, abs=1e-5) and row.clip_score_low <= row.clip_score <= row.clip_score_high
+    assert (table["s / image"] > 0).all() and (table["encode s / image"] > 0).all() and (table["decode s / image"] > 0).all()
+    assert table["speed-up vs first"].iloc[0] == 1.0
+    assert table["speed-up vs first"].iloc[1] == pytest.approx(table["s / image"].iloc[0] / table["s / image"].iloc[1])
+    assert table["peak GiB"].isna().all()  # a CPU has no per-run allocator peak
+    # the images of a setup are the runs of its seeds, the first seed's equal to a plain sample of the same setup
+    again = sample(load(sd), "ddim", 3, guidance=2.0, prompt=prompts, batch=2, seed=0).images
+    assert torch.allclose(seen["sd ddim 3"][:2], again, atol=1e-5)
+    with pytest.raises(ValueError, match="compare needs non-empty prompts"):
+        compare(setups, ["a cat", " "], clip=str(tiny_clip))
+    with pytest.raises(ValueError, match="the CLIP score needs at least 4 images: 2 prompts x 1 seeds give 2"):
+        compare(setups, prompts, clip=str(tiny_clip))
+    assert hub_status("cpu").startswith("no CUDA device (cpu here)")
+
+
+def test_bench_command_sweeps_prompts_as_modes():
+    from companion.cli import bench_modes
+
+    assert bench_modes(None, None, None) == [{}]
+    assert bench_modes(["leading", "trailing"], ["a cat", "a dog"], "blurry") == [
+        {"spacing": s, "prompt": p, "negative_prompt": "blurry"} for s in ("leading", "trailing") for p in ("a cat", "a dog")]
+    with pytest.raises(ValueError, match="--negative-prompt 'blurry' needs a --prompt"):
+        bench_modes(None, None, "blurry")
+    with pytest.raises(ValueError, match="--prompt ' ' is empty"):
+        bench_modes(None, [" "], None)
+
+
 def test_a_hub_lora_that_cannot_be_fetched_says_why(folders, hf_offline):
     pytest.importorskip("peft")
     with pytest.raises(ModelError, match=r"LoRA 'someone/absent-lora' is neither a local file or folder nor in the Hugging "
@@ -508,6 +583,24 @@ def test_panel_with_a_prompt_drives_a_pipeline_and_shows_encode_and_decode_apart
     p.controls["negative_prompt"].value = "blurry"
     assert p.wait(120)
     assert p.history[-1].result.record.negative_prompt == "blurry"
+
+
+def test_the_panels_image_distance_on_a_pipeline_is_to_the_converged_solution_of_the_same_prompt(models):
+    from companion.reference import ReferenceSolutions
+    from companion.widgets import ImageDistance
+
+    m = models["sd"]
+    dist = ImageDistance(reference_steps=20, cache=ReferenceSolutions())
+    run = sample(m, "dpmpp_2m", 3, batch=2, prompt="a cat", guidance=3.0, seed=4)
+    ref = sample(m, "unipc", 20, batch=2, prompt="a cat", guidance=3.0, x_T=run.x_T, spacing="trailing").images
+    want = float((run.images.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).mean().sqrt())
+    assert dist(m, run) == pytest.approx(want, rel=1e-5) and want > 0
+    other = sample(m, "unipc", 20, batch=2, prompt="a red dog", guidance=3.0, x_T=run.x_T, spacing="trailing").images
+    assert not torch.allclose(ref, other)  # so the prompt is part of the reference, not only of the run
+    finer = sample(m, "dpmpp_2m", 12, batch=2, prompt="a cat", guidance=3.0, seed=4)
+    assert dist(m, finer) < dist(m, run)  # more steps of the same ODE land nearer its converged solution
+    with pytest.raises(ValueError, match="DOP853 reference carries no text"):
+        dist.cache.get(m, run.x_T, method="dop853", prompt="a cat")
 
 
 def test_a_prompt_control_on_a_model_without_text_is_refused(models):
