@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU device check, one command, no network needed, all four parts within 10 minutes on one GPU (230 + 200 + 140 s
+# The GPU device check, one command, no network needed, all five parts within 10 minutes on one GPU (200 + 170 + 140 + 60 s
 # by default; each part's budget can be raised, or a part run alone, with the variables below):
 #   1. the GPU tests and the speed tests (tests/test_gpu.py, tests/test_speed.py with the slow inductor test on),
 #   2. the GPU benchmark (benchmarks/gpu_benchmark.py) with the time that is left,
 #   3. full-size text-to-image pipelines against their own __call__ (benchmarks/pipeline_overhead.py),
 #   4. the system ladder on full-size SD-1.5 and SDXL UNets (benchmarks/ladder.py --device cuda),
+#   5. token merging on a full-size SD-1.5 (benchmarks/token_merging.py; TOME_CHECK_LIMIT_S, default 60 s),
 # then prints where the results are: benchmarks/results/gpu_<gpu-name>.json and .md,
 # benchmarks/results/pipeline_overhead_gpu.json and .md, plus the logs.
 #
@@ -14,14 +15,14 @@
 # Python: the repo's .venv when it sees a CUDA GPU, else python3 (a GPU image with torch). Missing pure-Python
 # packages (diffusers, importlib_metadata) are installed from wheels in .whl/ when that folder exists; see docs/gpu.md.
 # pytest runs without the project's addopts (they name nbval, which a GPU image need not have).
-# DEVICE_CHECK_LIMIT_S overrides the total budget of parts 1-2 (default 230 s). Part 3, the full-size text-to-image
-# pipelines (benchmarks/pipeline_overhead.py, needs transformers), has its own, PIPELINE_CHECK_LIMIT_S (default 200 s);
+# DEVICE_CHECK_LIMIT_S overrides the total budget of parts 1-2 (default 200 s). Part 3, the full-size text-to-image
+# pipelines (benchmarks/pipeline_overhead.py, needs transformers), has its own, PIPELINE_CHECK_LIMIT_S (default 170 s);
 # DEVICE_CHECK_PARTS=pipelines runs part 3 alone, DEVICE_CHECK_PARTS=ladder part 4 alone (LADDER_CHECK_LIMIT_S, default
-# 140 s), DEVICE_CHECK_PARTS=core parts 1-2 alone (default: all).
+# 140 s), DEVICE_CHECK_PARTS=tome part 5 alone, DEVICE_CHECK_PARTS=core parts 1-2 alone (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-LIMIT=${DEVICE_CHECK_LIMIT_S:-230}
+LIMIT=${DEVICE_CHECK_LIMIT_S:-200}
 START=$(date +%s)
 COPY_DIR=${1:-}
 RESULTS="$ROOT/benchmarks/results"
@@ -74,7 +75,7 @@ with_transformers() {
   return "${PIPESTATUS[0]}"
 }
 pipelines_part() {
-  local budget=${PIPELINE_CHECK_LIMIT_S:-200}
+  local budget=${PIPELINE_CHECK_LIMIT_S:-170}
   with_transformers pipelines "$budget" "full-size random SD-1.5 / SDXL / SD3 against their own __call__" \
     benchmarks/pipeline_overhead.py --size full --pipelines sd15,sdxl,sd3 --steps 1,4,20,50 --time-limit $(( budget - 90 )) \
     --out "$RESULTS/pipeline_overhead_gpu"
@@ -90,8 +91,17 @@ ladder_part() {
   with_transformers ladder "$budget" "full-size SD-1.5 / SDXL UNets, cumulative levers" \
     benchmarks/ladder.py --device cuda --repeats 3 --time-limit $(( budget - 60 )) --out "$RESULTS/ladder_gpu"
 }
-# DEVICE_CHECK_PARTS=pipelines or =ladder: that part alone, its results copied to COPY_DIR
-for only in pipelines:pipeline_overhead_gpu ladder:ladder_gpu; do
+# ---- token merging at full size (benchmarks/token_merging.py): SD-1.5 with random weights at 512 px, bfloat16,
+# DPM-Solver++ 2M 20 steps with guidance, merge ratios 0 / 0.3 / 0.5 of the first level's self-attention tokens: the
+# speed-up with its interval and the image difference. Its own budget: TOME_CHECK_LIMIT_S (default 60 s);
+# DEVICE_CHECK_PARTS=tome runs only it.
+tome_part() {
+  local budget=${TOME_CHECK_LIMIT_S:-60}
+  with_transformers tome "$budget" "token merging on a full-size SD-1.5" \
+    benchmarks/token_merging.py --device cuda --dtype bfloat16 --steps 20 --repeats 3 --out "$RESULTS/token_merging_gpu"
+}
+# DEVICE_CHECK_PARTS=pipelines, =ladder or =tome: that part alone, its results copied to COPY_DIR
+for only in pipelines:pipeline_overhead_gpu ladder:ladder_gpu tome:token_merging_gpu; do
   name=${only%%:*} stem=${only#*:}
   if [ "${DEVICE_CHECK_PARTS:-all}" = "$name" ]; then
     "${name}_part"; RC=$?
@@ -125,19 +135,22 @@ if [ "${DEVICE_CHECK_PARTS:-all}" = "all" ]; then
   say "pipelines exit code $PIPE_RC"
   ladder_part; LADDER_RC=$?
   say "ladder exit code $LADDER_RC"
+  tome_part; TOME_RC=$?
+  say "token merging exit code $TOME_RC"
 else
-  PIPE_RC=0; LADDER_RC=0
+  PIPE_RC=0; LADDER_RC=0; TOME_RC=0
 fi
 
 echo
 say "results:"
-ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* 2>/dev/null | sed 's/^/  /'
+ls -1 "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* "$RESULTS"/token_merging_gpu.* 2>/dev/null | sed 's/^/  /'
 echo "  $LOGS/pytest.log"
 echo "  $LOGS/benchmark.log"
 echo "  $LOGS/pipelines.log"
 echo "  $LOGS/ladder.log"
+echo "  $LOGS/tome.log"
 if [ -n "$COPY_DIR" ]; then
-  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
+  mkdir -p "$COPY_DIR" && cp "$RESULTS"/gpu_*.json "$RESULTS"/gpu_*.md "$RESULTS"/pipeline_overhead_gpu.* "$RESULTS"/ladder_gpu.* "$RESULTS"/token_merging_gpu.* "$LOGS"/*.log "$COPY_DIR"/ 2>/dev/null
   say "copied to $COPY_DIR"
 fi
 [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$PIPE_RC" -eq 0 ] && [ "$LADDER_RC" -eq 0 ]

@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Real text-to-image models side by side ({gpu}, float16)", "",
           f"`{info['command']}`; {info['date_utc']}; {result['seconds']} s; {len(t2i.PROMPTS)} prompts x {len(seeds)} seeds.", "",
-          "| setup | NFE | s / image | speed-up | network ms / step | decode s | peak GiB | CLIP score [95 %] |",
+          "| setup | NFE | s / image | speed-up [95 %] | network ms / step | decode s | peak GiB | CLIP score [95 %] |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |",
-          *[f"| {r['setup']} | {r['nfe']} | {r['s / image']:.3f} | {r['speed-up vs first']:.1f}x | {r['network ms / step']:.1f} | "
+          *[f"| {r['setup']} | {r['nfe']} | {r['s / image']:.3f} | {r['speedup']:.1f}x [{r['speedup_low']:.1f}, {r['speedup_high']:.1f}] | {r['network ms / step']:.1f} | "
             f"{r['decode s / image']:.3f} | {r['peak GiB']:.2f} | {r['clip_score']:.2f} [{r['clip_score_low']:.2f}, {r['clip_score_high']:.2f}] |"
             for r in result["rows"]], ""]
     (out / f"{stem}.md").write_text("\n".join(md))

@@ -654,12 +654,19 @@ def from_pretrained(folder: str | Path, *, name: str | None = None, torch_dtype=
     dev = torch.device(device) if device is not None else torch.device("cpu")
     check_dtype_runs(dtype, dev)
     klass = getattr(diffusers, class_name)
+    from transformers.utils import logging as transformers_logging  # present: checked above
+
+    diffusers.utils.logging.disable_progress_bar()  # a local folder loads in moments: no bars in a chapter's output
+    transformers_logging.disable_progress_bar()
     try:
-        pipe = klass.from_pretrained(folder, torch_dtype=dtype, variant=variant, use_safetensors=True,
+        pipe = klass.from_pretrained(folder, dtype=dtype, variant=variant, use_safetensors=True,  # diffusers 0.42's name
                                      local_files_only=True, **_absent(klass, index))
     except Exception as e:  # diffusers raises many kinds for missing or mismatched files
         raise ModelError(f"could not load {class_name} from {folder}"
                          f"{'' if variant is None else f' (variant {variant!r})'}: {type(e).__name__}: {e}") from e
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # this VAE overflows in float16: the pipeline itself upcasts it to decode

@@ -70,9 +70,10 @@ def clip(cfg: dict, projection: bool):
 
 
 def build(kind: str, size: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, tok=None,
-          ) -> "diffusers.DiffusionPipeline":
+          latent_size: int | None = None) -> "diffusers.DiffusionPipeline":
     """A pipeline of ``kind`` (sd15, sdxl, sd3) with random weights (seed 0), built on ``device`` in ``dtype``;
-    ``tok``: its tokenizer (default: a letter tokenizer in a temporary folder)."""
+    ``tok``: its tokenizer (default: a letter tokenizer in a temporary folder); ``latent_size``: the default latent
+    side instead of the published one (the images are 8 times larger; e.g. 32 for SD-1.5 at 256 px on a CPU)."""
     if kind not in KINDS or size not in SIZES:
         raise ValueError(f"random pipeline {kind!r} at size {size!r}: valid kinds {', '.join(KINDS)}, sizes {', '.join(SIZES)}")
     if size == "tiny" and kind != "sd15":
@@ -83,6 +84,9 @@ def build(kind: str, size: str, device: torch.device | str = "cpu", dtype: torch
         tok = tokenizer(Path(tempfile.mkdtemp(prefix="companion-tokenizer-")))
     device = torch.device(device)
     cfg = TINY if size == "tiny" else FULL[kind]
+    if latent_size is not None:
+        net = "transformer" if "transformer" in cfg else "unet"
+        cfg = dict(cfg, **{net: dict(cfg[net], sample_size=int(latent_size))})
     torch.manual_seed(0)
     with torch.device(device):  # the networks are initialised where they run (an SDXL UNet in float32 is 10 GB)
         vae = diffusers.AutoencoderKL(**cfg["vae"])
@@ -105,7 +109,8 @@ def build(kind: str, size: str, device: torch.device | str = "cpu", dtype: torch
     else:
         pipe = diffusers.StableDiffusion3Pipeline(vae=vae, tokenizer=tok, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
                                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), **nets)
-    pipe.to(dtype=dtype)
+    if dtype != torch.float32:  # built in float32; cast only when asked
+        pipe.to(dtype=dtype)
     if getattr(pipe.vae.config, "force_upcast", False) and dtype == torch.float16:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -113,7 +118,21 @@ def build(kind: str, size: str, device: torch.device | str = "cpu", dtype: torch
 
 
 def save_tiny(folder: str | Path) -> Path:
-    """The tiny SD-shaped random pipeline saved to ``folder`` (safetensors), loadable by :func:`companion.load`."""
+    """The tiny SD-shaped random pipeline saved to ``folder`` (safetensors), loadable by :func:`companion.load`.
+    diffusers' progress bars and transformers' notices (a CLIP image processor without torchvision) are quiet while
+    it is written."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging  # the hub/test extra
+
     folder = Path(folder)
-    build("sd15", "tiny", tok=tokenizer(folder / "_tokenizer")).save_pretrained(folder, safe_serialization=True)
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        build("sd15", "tiny", tok=tokenizer(folder / "_tokenizer")).save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+        transformers_logging.set_verbosity(before)
     return folder

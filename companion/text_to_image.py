@@ -23,7 +23,9 @@ import torch
 from . import assets
 from . import metrics as M
 from .models import load
+from .samplers import get as get_sampler
 from .sampling import sample
+from .verdicts import ratio_of_medians
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -83,7 +85,8 @@ def compare(setups: Sequence[Setup] = REAL_MODELS, prompts: Sequence[str] = PROM
     Each setup is loaded once (setups that share a model and LoRA share it), warmed up with one untimed one-step run,
     then sampled once per seed with all ``prompts`` as one batch. ``s / image``: the median over seeds of the run's
     wall time (text encoding, loop and decode) divided by the batch; ``network ms / step`` and the encode/decode
-    seconds per image from the same runs' records (``network ms / step``: the median network call of the loop). ``clip_score`` over every image with its prompt
+    seconds per image from the same runs' records; with three or more seeds, ``speedup`` (and ``_low``, ``_high``,
+    ``_n``) is the first setup's median time over this one's with a bootstrap interval over the runs (``network ms / step``: the median network call of the loop). ``clip_score`` over every image with its prompt
     (:func:`companion.metrics.clip_score`, bootstrap interval). ``on_row(row, images)`` sees each finished setup.
     """
     if not setups:
@@ -96,7 +99,7 @@ def compare(setups: Sequence[Setup] = REAL_MODELS, prompts: Sequence[str] = PROM
                          f"{len(seeds)} seeds give {len(prompts) * len(seeds)}")
     pair = M.clip_pair(clip)
     loaded: dict[tuple, object] = {}
-    rows = []
+    rows, times = [], []
     for s in setups:
         key = (s.model, s.lora)
         if key not in loaded:
@@ -122,9 +125,41 @@ def compare(setups: Sequence[Setup] = REAL_MODELS, prompts: Sequence[str] = PROM
                **M.as_columns({"clip_score": score}),
                "device": str(getattr(model, "device", "cpu")), "dtype": str(getattr(model, "dtype", ""))}
         rows.append(row)
+        times.append([r.wall_s / n for r in recs])
         if on_row is not None:
             on_row(row, images)
     table = pd.DataFrame(rows)
-    base = table["s / image"].iloc[0]
-    table["speed-up vs first"] = base / table["s / image"]
+    table["speed-up vs first"] = table["s / image"].iloc[0] / table["s / image"]
+    if len(seeds) >= 3:  # the speed-up's interval: a bootstrap over the timed runs of both setups
+        speed = [ratio_of_medians(times[0], t, name="speedup") for t in times]
+        for suffix, attr in (("", "value"), ("_low", "low"), ("_high", "high"), ("_n", "n")):
+            table[f"speedup{suffix}"] = [getattr(m, attr) for m in speed]
     return table
+
+
+def nfe_of(setup: Setup) -> int:
+    """Network evaluations per image of ``setup`` for a one-call-per-step sampler (DDIM, DPM-Solver++, LCM, Euler):
+    one per step, two with classifier-free guidance (its conditional and unconditional halves)."""
+    if get_sampler(setup.sampler).nfe_per_step != 1:
+        raise ValueError(f"nfe_of counts one-call-per-step samplers; {setup.sampler!r} calls the network "
+                         f"{get_sampler(setup.sampler).nfe_per_step} times per step")
+    return int(setup.steps * (2 if setup.guidance is not None else 1))
+
+
+def anatomy(model, steps: Sequence[int] = (1, 4, 20), *, prompt: str = PROMPTS[0], sampler: str = "dpmpp_2m",
+            guidance: float | None = 7.5, batch: int = 4, repeats: int = 3) -> pd.DataFrame:
+    """Where the time of a text-to-image call goes, at each step count: the text encoders, the denoising loop's
+    network calls, the latent decoder, and the rest (noise, the solver's arithmetic, copies). Medians of ``repeats``
+    timed runs after one untimed warm-up per step count; seconds per call of ``batch`` images."""
+    rows = []
+    for n in steps:
+        sample(model, sampler, n, guidance=guidance, prompt=prompt, batch=batch, seed=0)  # warm-up, untimed
+        recs = [sample(model, sampler, n, guidance=guidance, prompt=prompt, batch=batch, seed=1 + i).record
+                for i in range(repeats)]
+        wall = _median([r.wall_s for r in recs])
+        enc, dec = _median([r.encode_s for r in recs]), _median([r.decode_s for r in recs])
+        loop = _median([r.network_s - r.encode_s - r.decode_s for r in recs])
+        rows.append({"steps": n, "NFE": int(recs[0].nfe), "text encoders s": enc, "loop network s": loop,
+                     "latent decoder s": dec, "rest s": _median([r.overhead_s for r in recs]), "wall s": wall,
+                     "decoder share": dec / wall, "loop share": loop / wall})
+    return pd.DataFrame(rows)

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                             # what may go wrong
     ("device", "assets", "samplers", "taxonomy"),            # where things run and live; the sampler registry
     ("schedules", "data", "speed"),                          # noise levels, data sets, speed options for a network
-    ("nets", "features", "oracle", "provenance", "caching"), # other networks; exact scores; what produced a result; feature caching
+    ("nets", "features", "oracle", "provenance", "caching", "token_merging"),  # other networks; exact scores; what produced a result; feature caching; token merging
     ("models", "pipelines", "random_pipelines"),             # the diffusion-model interface and the one loader; pipelines (and random ones)
     ("denoiser",),                                           # the one guided network call and the run record
     ("sampling",),                                           # diffusers' scheduler loop: sample(), cascade()
