@@ -221,14 +221,64 @@ def find_notebooks(paths: list[str]) -> list[Path]:
     return out
 
 
-def execute_notebook(path: Path, timeout: int = 600):
-    """Execute a notebook in its own folder; returns the executed notebook (the file is left untouched)."""
+def execute_notebook(path: Path, timeout: int = 600, clients: list | None = None):
+    """Execute a notebook in its own folder; returns the executed notebook (the file is left untouched).
+    ``clients``: a list the notebook's client is appended to, so a caller that is interrupted can stop its kernel."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    if clients is not None:
+        clients.append(client)
+    client.execute()
     return nb
+
+
+def _kill_kernel(client, timeout: float = 10.0) -> None:
+    """Stop the kernel of a notebook client from another thread: SIGTERM to its process, SIGKILL if it is still
+    there after ``timeout`` seconds (the client's own event loop then sees a dead kernel and returns)."""
+    process = getattr(getattr(getattr(client, "km", None), "provisioner", None), "process", None)
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def execute_interruptibly(path: Path, timeout: int = 600):
+    """:func:`execute_notebook` on a worker thread, so that Ctrl-C, SIGTERM and SIGHUP reach the caller.
+
+    Why: on the main thread nbclient takes SIGINT and SIGTERM over while a notebook runs, shuts that kernel down and
+    lets the caller carry on with the next notebook, so a stopped run did not stop. Here the caller's handler raises
+    KeyboardInterrupt while it waits; the notebook's kernel is stopped and the interruption goes on up."""
+    import threading
+
+    clients: list = []
+    box: dict = {}
+
+    def work():
+        try:
+            box["nb"] = execute_notebook(path, timeout=timeout, clients=clients)
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name=f"run-notebooks {path.name}", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        for client in clients:
+            _kill_kernel(client)
+        worker.join(30)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["nb"]
 
 
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"  # nbval's comment marker (still honoured)
@@ -280,6 +330,44 @@ def failure_summary(exc: BaseException, timeout: int) -> str:
     return f"FAILED: {type(exc).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
 
 
+def _run_each(bar, args, rows: list, html_dir, before) -> str | None:
+    """Execute the notebooks in turn, appending (name, seconds, status, html) to ``rows``; returns the name of the
+    signal that interrupted the run (the notebook it stopped is not recorded and its kernel is stopped), or None."""
+    for nb_path in bar:
+        bar.set_postfix_str(nb_path.name)
+        cold_dir = None
+        if args.cold:  # each chapter starts from its own empty cache (sweeps and references): a newcomer's first run
+            cold_dir = tempfile.TemporaryDirectory(prefix=f"companion-cold-{nb_path.stem}-")
+            os.environ[bench.CACHE_ENV] = cold_dir.name  # inherited by the notebook's kernel
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            nb = execute_interruptibly(nb_path, timeout=args.timeout)
+        except KeyboardInterrupt as e:  # the finished notebooks are kept and reported; this one is not recorded
+            print(f"\n{nb_path.name}: interrupted ({e or 'SIGINT'}) after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            return str(e) or "SIGINT"
+        except Exception as e:  # report and continue with the next notebook
+            status, nb = failure_summary(e, args.timeout), None
+        finally:
+            dt = time.perf_counter() - t0
+            if cold_dir is not None:
+                cold_dir.cleanup()
+                if before is None:
+                    os.environ.pop(bench.CACHE_ENV, None)
+                else:
+                    os.environ[bench.CACHE_ENV] = before
+        out = ""
+        if html_dir and nb is not None:
+            body = export_html(nb)
+            target = html_dir / (nb_path.stem + ".html")
+            target.write_text(body, encoding="utf-8")
+            out = str(target)
+        if args.store_checked_outputs and nb is not None:
+            store_checked_outputs(nb, nb_path)
+        rows.append((nb_path.name, dt, status, out))
+    return None
+
+
 def cmd_run_notebooks(args) -> int:
     from tqdm import tqdm
 
@@ -292,37 +380,23 @@ def cmd_run_notebooks(args) -> int:
         if html_dir.exists() and not html_dir.is_dir():
             raise CliError(f"--html {args.html} is a file; give a folder for the HTML reports")
         html_dir.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], 0
+    rows = []
     bar = tqdm(notebooks, desc="notebooks", unit="nb")
     before = os.environ.get(bench.CACHE_ENV)
-    for nb_path in bar:
-        bar.set_postfix_str(nb_path.name)
-        cold_dir = None
-        if args.cold:  # each chapter starts from its own empty cache (sweeps and references): a newcomer's first run
-            cold_dir = tempfile.TemporaryDirectory(prefix=f"companion-cold-{nb_path.stem}-")
-            os.environ[bench.CACHE_ENV] = cold_dir.name  # inherited by the notebook's kernel
-        t0 = time.perf_counter()
-        status = "ok"
-        try:
-            nb = execute_notebook(nb_path, timeout=args.timeout)
-        except Exception as e:  # report and continue with the next notebook
-            status, nb, failed = failure_summary(e, args.timeout), None, failed + 1
-        dt = time.perf_counter() - t0
-        if cold_dir is not None:
-            cold_dir.cleanup()
-            if before is None:
-                os.environ.pop(bench.CACHE_ENV, None)
-            else:
-                os.environ[bench.CACHE_ENV] = before
-        out = ""
-        if html_dir and nb is not None:
-            body = export_html(nb)
-            target = html_dir / (nb_path.stem + ".html")
-            target.write_text(body, encoding="utf-8")
-            out = str(target)
-        if args.store_checked_outputs and nb is not None:
-            store_checked_outputs(nb, nb_path)
-        rows.append((nb_path.name, dt, status, out))
+
+    def stop(signum, frame):  # Ctrl-C, SIGTERM, SIGHUP: stop here; the running notebook's kernel is stopped
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        interrupted = _run_each(bar, args, rows, html_dir, before)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    failed = sum(1 for r in rows if r[2] != "ok")
+    if interrupted and not rows:
+        print(f"\ninterrupted ({interrupted}) before any notebook finished; nothing recorded", file=sys.stderr)
+        return 130
     width = max(len(r[0]) for r in rows)
     print(f"\n{'notebook':<{width}}  {'seconds':>8}  status")
     for name, dt, status, _ in rows:
@@ -332,8 +406,13 @@ def cmd_run_notebooks(args) -> int:
         if out:
             print(f"HTML report: {out}")
     if record is not None:
+        if interrupted:  # the finished notebooks' times are kept beside the record, which stays as it was
+            record = record.with_suffix(".interrupted.json")
         write_times(record, rows, cold=bool(args.cold), timeout=args.timeout)
-        print(f"run times written to {record}")
+        print(f"run times written to {record}" + (" (the notebooks that finished)" if interrupted else ""))
+    if interrupted:
+        print(f"interrupted ({interrupted}): {len(rows)} of {len(notebooks)} notebooks finished", file=sys.stderr)
+        return 130
     return 1 if failed else 0
 
 
@@ -384,12 +463,22 @@ BOOK_RECORD = ROOT / "benchmarks" / "results" / "book_times.json"
 
 def cmd_book(args) -> int:
     """Execute the chapters into the build folder and build the static site (see :mod:`companion.book`)."""
+    def stop(signum, frame):  # Ctrl-C, SIGTERM, SIGHUP: the running chapter's kernel is stopped, no site is built
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         chapters = book.select_chapters(args.chapters, Path(args.notebooks))
-        doc = book.build(Path(args.out), chapters, execute=lambda p: execute_notebook(p, timeout=args.timeout),
+        doc = book.build(Path(args.out), chapters, execute=lambda p: execute_interruptibly(p, timeout=args.timeout),
                          summarise=lambda e: failure_summary(e, args.timeout), progress=lambda m: print(m, flush=True))
     except book.BookError as e:
         raise CliError(str(e)) from None
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e or 'SIGINT'}): the book was not built", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     rows = doc["chapters"]
     width = max(len(r["chapter"]) for r in rows)
     print(f"\n{'chapter':<{width}}  {'execute s':>9}  {'build s':>7}  status")

@@ -13,6 +13,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from .models import load
 from .pipelines import letter_tokenizer
 
 KINDS = ("sd15", "sdxl", "sd3")
@@ -78,10 +79,11 @@ def build(kind: str, size: str, device: torch.device | str = "cpu", dtype: torch
         raise ValueError(f"random pipeline {kind!r} at size {size!r}: valid kinds {', '.join(KINDS)}, sizes {', '.join(SIZES)}")
     if size == "tiny" and kind != "sd15":
         raise ValueError(f"size 'tiny' builds an SD-shaped pipeline only (sd15), not {kind!r}")
-    if tok is None:
+    if tok is None:  # the tokenizer holds its vocabulary in memory once read, so its folder goes at once
         import tempfile
 
-        tok = tokenizer(Path(tempfile.mkdtemp(prefix="companion-tokenizer-")))
+        with tempfile.TemporaryDirectory(prefix="companion-tokenizer-") as folder:
+            tok = tokenizer(folder)
     device = torch.device(device)
     cfg = TINY if size == "tiny" else FULL[kind]
     if latent_size is not None:
@@ -136,3 +138,12 @@ def save_tiny(folder: str | Path) -> Path:
         transformers_logging.enable_progress_bar()
         transformers_logging.set_verbosity(before)
     return folder
+
+
+def load_tiny():
+    """The tiny SD-shaped random pipeline as :func:`companion.load` gives it, through a temporary folder that is removed
+    once the weights are in memory (a chapter run leaves nothing behind)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="companion-tiny-sd-") as folder:
+        return load(save_tiny(Path(folder) / "tiny-sd"))

@@ -334,6 +334,72 @@ def test_cold_run_gives_every_notebook_its_own_empty_cache(tmp_path):
         assert nbformat.read(tmp_path / name, as_version=4).cells[0].outputs[0]["text"] == "[]\n", name
 
 
+def _slow_notebook(path: Path, marker: Path) -> None:
+    """A notebook whose one cell writes its kernel's PID to ``marker`` and then sleeps for two minutes."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(f"import os, time, pathlib\npathlib.Path({str(marker)!r}).write_text(str(os.getpid()))\n"
+                                          "time.sleep(120)")]
+    nbformat.write(nb, path)
+
+
+def _signal_while_a_kernel_runs(args: list[str], marker: Path, sig) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI with ``args``, send ``sig`` once the slow notebook's kernel has written its PID, and return the
+    finished process and the kernel's PID after waiting (up to 20 s) for that kernel to be gone. Both processes are
+    killed by their PIDs if anything fails."""
+    proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    kernel = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not (marker.is_file() and marker.read_text()):
+            time.sleep(0.2)
+        kernel = int(marker.read_text())
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        deadline = time.time() + 20
+        while time.time() < deadline and _alive(kernel):
+            time.sleep(0.2)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), kernel
+    finally:
+        for pid in (proc.pid, kernel):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_notebooks_stops_on_a_signal_keeps_what_finished_and_leaves_no_kernel(tmp_path, sig):
+    import nbformat
+
+    quick = nbformat.v4.new_notebook()
+    quick.cells = [nbformat.v4.new_code_cell("print(6 * 7)")]
+    nbformat.write(quick, tmp_path / "a_quick.ipynb")
+    _slow_notebook(tmp_path / "b_slow.ipynb", tmp_path / "kernel.pid")
+    record = tmp_path / "times.json"
+    record.write_text('{"earlier": "record"}')
+    r, kernel = _signal_while_a_kernel_runs(["run-notebooks", str(tmp_path / "a_quick.ipynb"), str(tmp_path / "b_slow.ipynb"),
+                                             "--record", str(record)], tmp_path / "kernel.pid", sig)
+    assert r.returncode == 130, (r.stdout, r.stderr)
+    assert "b_slow.ipynb: interrupted" in r.stderr and "1 of 2 notebooks finished" in r.stderr
+    assert record.read_text() == '{"earlier": "record"}'  # the record is not replaced by a partial run
+    partial = json.loads((tmp_path / "times.interrupted.json").read_text())
+    assert [(Path(row["notebook"]).name, row["status"]) for row in partial["notebooks"]] == [("a_quick.ipynb", "ok")]
+    assert not _alive(kernel), "the notebook's kernel outlived run-notebooks"
+
+
+def test_book_stops_on_sigterm_without_building_and_leaves_no_kernel(tmp_path):
+    pytest.importorskip("sphinx", reason="the book needs the 'book' extra")
+    (tmp_path / "notebooks").mkdir()
+    _slow_notebook(tmp_path / "notebooks" / "00_slow.ipynb", tmp_path / "kernel.pid")
+    r, kernel = _signal_while_a_kernel_runs(["book", "--notebooks", str(tmp_path / "notebooks"), "--out", str(tmp_path / "out")],
+                                            tmp_path / "kernel.pid", signal.SIGTERM)
+    assert r.returncode == 130 and "interrupted (SIGTERM): the book was not built" in r.stderr, (r.stdout, r.stderr)
+    assert not (tmp_path / "out" / "html" / "index.html").exists()
+    assert not _alive(kernel), "the chapter's kernel outlived companion book"
+
+
 def test_run_notebooks_record_needs_a_json_file(tmp_path):
     r = run_cli("run-notebooks", str(tmp_path), "--record", str(tmp_path / "times.txt"), timeout=120)
     assert r.returncode != 0 and "--record" in r.stderr and ".json" in r.stderr

@@ -181,6 +181,22 @@ def test_pipelines_load_through_the_one_loader_with_the_model_interface(models, 
         m.null_class
 
 
+def test_the_tiny_random_pipeline_loads_in_memory_and_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from companion.random_pipelines import load_tiny, save_tiny
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where every temporary folder of the build goes
+    m = load_tiny()
+    assert list(scratch.iterdir()) == []  # its folder (and the tokenizer's) are gone; the model works without them
+    kept = load(save_tiny(tmp_path / "tiny-sd"))
+    assert m.name == kept.name == "tiny-sd" and m.sha256 == kept.sha256 and model_fingerprint(m) == model_fingerprint(kept)
+    run = sample(m, "ddim", 2, prompt="a cat", batch=1, seed=0)
+    assert run.images.shape == (1, *m.image_shape) and torch.isfinite(run.images).all()
+
+
 def test_ldm_folder_is_a_latent_model_decoded_by_its_vq_autoencoder(models, folders):
     m = models["ldm"]
     assert isinstance(m, DiffusionModel) and m.is_latent and type(m.vae).__name__ == "VQModel"
