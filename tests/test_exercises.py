@@ -234,3 +234,26 @@ def test_difference_interval_refuses_incomparable_measurements():
     a = Measurement("fd", 1.0, 0.8, 1.2, 500, "digits-judge")
     with pytest.raises(ValueError, match="n = 500"):
         X.difference_interval(a, Measurement("fd", 1.0, 0.8, 1.2, 200, "digits-judge"))
+
+
+def test_no_chapter_cell_ends_in_a_self_check_whose_boolean_jupyter_would_show():
+    # a cell whose last statement is a bare check(...) shows "True"/"False" under the PASS / NOT YET line
+    import ast
+    import json
+    from pathlib import Path
+
+    names = {n for n in dir(X) if n.startswith("check") or n == "unanswered"}
+    shown = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+            src = "".join(cell["source"]).strip()
+            if cell["cell_type"] != "code" or not src:
+                continue
+            # IPython's magics and shell lines are not Python: read them as no-ops
+            code = "\n".join(("pass" if line.lstrip().startswith(("%", "!")) else line) for line in src.splitlines())
+            last = ast.parse(code).body[-1]
+            call = last.value if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call) else None
+            name = getattr(call.func, "id", getattr(call.func, "attr", None)) if call is not None else None
+            if name in names and not src.endswith(";"):
+                shown.append(f"{path.name} cell {i}: {name}(...)")
+    assert not shown, "end these cells with ';' (or assign the result): " + ", ".join(shown)
