@@ -103,7 +103,7 @@ _BASE = [
         dict(data="shapes", size=32, batch=16, lr=1e-3, ema=0.999, warmup=100, hflip=True,
              prediction="v_prediction", high_t={"fraction": 0.5, "min": 400},
              unet=unet_config(32, 3, 3, (32, 64, 64), layers=1, attn=(False, False, True))),
-        steps=12000, seed=0, quality=quality.shapes_samples,
+        steps=20000, seed=0, quality=quality.shapes_samples,
     ),
     Recipe(
         "shapes-base16",
