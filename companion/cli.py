@@ -8,7 +8,6 @@ line naming the problem and the fix, and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import __version__, assets, bench, book, diagrams, implement, recipes, sharding
-from .device import DeviceError, accelerator_summary, describe
+from .device import DeviceError, accelerator_summary, describe, signals_interrupt
 from .errors import ModelError
 from .features import KIND as FEATURES_KIND
 from .models import load
@@ -154,9 +153,6 @@ def lab_env(token: str, environ: dict | None = None) -> dict:
     return env
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a server started in its own session: SIGTERM to its whole process group (JupyterLab shuts its kernels
     down), SIGKILL if it is still there after ``timeout`` seconds."""
@@ -187,21 +183,16 @@ def cmd_lab(args) -> int:
     if args.open and not (notebooks / args.open).is_file():
         raise CliError(f"notebook {args.open!r} not found in {notebooks}")
 
-    def stop(signum, frame):  # any of Ctrl-C, SIGTERM, SIGHUP: take the server down with us
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    proc = subprocess.Popen(lab_command(notebooks, port), env=lab_env(token), start_new_session=True)
-    try:
-        print(f"JupyterLab on http://127.0.0.1:{port}/{page}?token={token}", flush=True)
-        print(f"(server PID {proc.pid}; stop with Ctrl-C)", flush=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_group(proc)
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    with signals_interrupt():  # any of Ctrl-C, SIGTERM, SIGHUP: take the server down with us
+        proc = subprocess.Popen(lab_command(notebooks, port), env=lab_env(token), start_new_session=True)
+        try:
+            print(f"JupyterLab on http://127.0.0.1:{port}/{page}?token={token}", flush=True)
+            print(f"(server PID {proc.pid}; stop with Ctrl-C)", flush=True)
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_group(proc)
 
 
 # ----------------------------------------------------------------------------- run-notebooks
@@ -384,15 +375,8 @@ def cmd_run_notebooks(args) -> int:
     bar = tqdm(notebooks, desc="notebooks", unit="nb")
     before = os.environ.get(bench.CACHE_ENV)
 
-    def stop(signum, frame):  # Ctrl-C, SIGTERM, SIGHUP: stop here; the running notebook's kernel is stopped
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
+    with signals_interrupt():  # the running notebook's kernel is stopped and the finished ones are reported
         interrupted = _run_each(bar, args, rows, html_dir, before)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
     failed = sum(1 for r in rows if r[2] != "ok")
     if interrupted and not rows:
         print(f"\ninterrupted ({interrupted}) before any notebook finished; nothing recorded", file=sys.stderr)
@@ -463,22 +447,16 @@ BOOK_RECORD = ROOT / "benchmarks" / "results" / "book_times.json"
 
 def cmd_book(args) -> int:
     """Execute the chapters into the build folder and build the static site (see :mod:`companion.book`)."""
-    def stop(signum, frame):  # Ctrl-C, SIGTERM, SIGHUP: the running chapter's kernel is stopped, no site is built
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        chapters = book.select_chapters(args.chapters, Path(args.notebooks))
-        doc = book.build(Path(args.out), chapters, execute=lambda p: execute_interruptibly(p, timeout=args.timeout),
-                         summarise=lambda e: failure_summary(e, args.timeout), progress=lambda m: print(m, flush=True))
+        with signals_interrupt():  # the running chapter's kernel is stopped and no site is built
+            chapters = book.select_chapters(args.chapters, Path(args.notebooks))
+            doc = book.build(Path(args.out), chapters, execute=lambda p: execute_interruptibly(p, timeout=args.timeout),
+                             summarise=lambda e: failure_summary(e, args.timeout), progress=lambda m: print(m, flush=True))
     except book.BookError as e:
         raise CliError(str(e)) from None
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'SIGINT'}): the book was not built", file=sys.stderr)
         return 130
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
     rows = doc["chapters"]
     width = max(len(r["chapter"]) for r in rows)
     print(f"\n{'chapter':<{width}}  {'execute s':>9}  {'build s':>7}  status")

@@ -6,9 +6,12 @@ on every device (GPU generators produce different streams from CPU ones).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import signal
+import threading
 import time
 
 import torch
@@ -271,3 +274,26 @@ def network_slices(n: int, per_sample: int, device: torch.device, limit: int | N
     calls = math.ceil(n / max(1, limit // per_sample))
     edges = [round(i * n / calls) for i in range(calls + 1)]
     return [slice(a, b) for a, b in zip(edges, edges[1:])]
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While inside: Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (named by the signal) in the main thread, so
+    training saves its checkpoint and a command stops what it started on the way out; the previous handlers come back
+    afterwards. Only the main thread can install signal handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

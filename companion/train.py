@@ -26,8 +26,6 @@ import copy
 import json
 import os
 import platform
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import assets, data
+from .device import signals_interrupt
 from .errors import CheckpointError
 from .models import AUTOENCODER_KIND, FLOW_SCHEDULE, DiffusionModel, FlowModel, load
 from .nets import NoisyClassifier
@@ -418,26 +417,6 @@ class Interrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt in the training loop, so they save a checkpoint like Ctrl-C.
-    Only the main thread can install signal handlers; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    saved = {sig: signal.signal(sig, handler) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, h in saved.items():
-            signal.signal(sig, h)
-
-
 def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = False, progress: bool = True,
         install: bool = False, keep: bool = True) -> Path:
     """Train ``rec.task`` (a :class:`Task` subclass) with config ``cfg`` for ``steps`` steps; write the EMA model to ``out``.
@@ -478,7 +457,7 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
     bar = tqdm(total=steps, initial=min(state["step"], steps), desc=name, disable=not progress, dynamic_ncols=True)
     last_ckpt = time.perf_counter()
     t_start = time.perf_counter() - state["seconds"]
-    with _sigterm_as_interrupt():
+    with signals_interrupt():  # SIGTERM and SIGHUP save a checkpoint as Ctrl-C does
         try:
             _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start)
         except KeyboardInterrupt as e:
