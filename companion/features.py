@@ -30,6 +30,13 @@ from .device import network_slices
 from .errors import ModelError
 
 KIND = "features"
+METRICS, JUDGE = "metrics", "judge"  # what a feature network is for: a metric space, or a held-out judge only
+ROLES = (METRICS, JUDGE)
+
+
+def augmentation_text(shift: int, symmetries: bool = False) -> str:
+    """How a card names a feature network's training augmentation."""
+    return f"random shift +-{shift} px" + (", random quarter turns and mirroring" if symmetries else "")
 
 
 class FeatureNet(ModelMixin, ConfigMixin):
@@ -97,6 +104,14 @@ class FeatureNet(ModelMixin, ConfigMixin):
 
 
 # --------------------------------------------------------------------------------------------- training
+def _random_symmetry(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One of the square's eight symmetries (a quarter turn 0-3 times, then a mirror or not) for the whole batch:
+    what a shape *is* does not change under them, so a classifier of shapes should not depend on them."""
+    turns, mirror = torch.randint(0, 4, (1,), generator=g).item(), torch.randint(0, 2, (1,), generator=g).item()
+    x = torch.rot90(x, turns, (2, 3))
+    return x.flip(3) if mirror else x
+
+
 def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
     if max_shift <= 0:
         return x
@@ -119,13 +134,19 @@ def train_feature_net(name: str, config: dict, out: str | Path | None = None, *,
     ``config`` (a recipe's, see :mod:`companion.recipes`): ``data`` (an image set of
     :func:`companion.data.images`), ``size``, ``net`` (:class:`FeatureNet` arguments; ``num_classes=None``:
     as many as the data has), ``batch``, ``lr`` and ``shift`` (random translation in pixels, so generated
-    digits slightly off-centre still classify). ``out``: target folder (default ``assets/models/<name>``).
+    digits slightly off-centre still classify); optional ``symmetries`` (True: each batch also turned by a random
+    multiple of 90 degrees and mirrored or not, for classes that do not change under it, such as shapes) and
+    ``role`` (:data:`METRICS`, the default: a feature space of the metrics; :data:`JUDGE`: a held-out classifier
+    only, never chosen as a metric space). ``out``: target folder (default ``assets/models/<name>``).
     Returns the trained network (eval mode). The card records recipe, seed, steps, time and test accuracy.
     """
     steps, seed = int(steps), int(seed)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     batch, lr, shift = config["batch"], config["lr"], config["shift"]
+    symmetries, role = bool(config.get("symmetries", False)), config.get("role", METRICS)
+    if role not in ROLES:
+        raise ValueError(f"unknown feature-network role {role!r}; valid: {', '.join(ROLES)}")
     x_train, y_train = data.images(config["data"], config["size"], "train")
     x_test, y_test = data.images(config["data"], config["size"], "test")
     net_config = dict(config["net"])
@@ -142,6 +163,8 @@ def train_feature_net(name: str, config: dict, out: str | Path | None = None, *,
     for _ in tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False):
         idx = torch.randint(0, len(x_train), (batch,), generator=g)
         xb = _random_shift(x_train[idx], shift, g)
+        if symmetries:
+            xb = _random_symmetry(xb, g)
         _, logits = net(xb)
         loss = F.cross_entropy(logits, y_train[idx])
         opt.zero_grad(set_to_none=True)
@@ -157,7 +180,7 @@ def train_feature_net(name: str, config: dict, out: str | Path | None = None, *,
     assets.write_card(folder, {
         "kind": KIND, "name": name, "dataset": config["data"], "recipe": "companion.features.train_feature_net",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items()},
-        "seed": seed, "steps": steps, "batch_size": batch, "lr": lr, "augmentation": f"random shift +-{shift} px",
+        "seed": seed, "steps": steps, "batch_size": batch, "lr": lr, "augmentation": augmentation_text(shift, symmetries), "role": role,
         "train_split": "train", "n_train": len(x_train), "train_time_s": round(train_s, 2),
         "final_loss": round(float(loss.detach()), 4), "test_accuracy": round(test_acc, 4), "n_test": len(x_test),
         "torch_threads": torch.get_num_threads(),

@@ -61,7 +61,8 @@ METRICS_VERSION = "2"  # part of bench cache keys: bump when a metric's definiti
 # The least sample counts each metric accepts. FD needs a well-conditioned covariance of the 64-d
 # features (n well above the dimension); k-NN manifolds need many more points than k.
 MIN_SAMPLES = {"fd": 128, "kid": 50, "kid_normalised": 50, "prdc": 50, "class_accuracy": 20, "ode_distance": 4,
-               "log_likelihood": 20, "energy_distance": 50, "clip_score": 4}
+               "log_likelihood": 20, "energy_distance": 50, "clip_score": 4,
+               "confident_share": 20}
 DEFAULT_BOOTSTRAP = 200
 DEFAULT_K = 5
 CONFIDENCE = 0.95
@@ -689,6 +690,22 @@ def class_share_distance(logits: torch.Tensor, reference_logits: torch.Tensor, f
     note = (f"total-variation distance of the predicted-class shares, generated {class_shares(logits)} vs real "
             f"{class_shares(reference_logits)} (real n={len(ref)})")
     return Measurement("class_share_distance", value, lo, hi, len(pred), feature, note)
+
+
+CONFIDENT = 0.9  # a judgement counts as sure when the judge gives its class at least this probability
+
+
+def confident_share(logits: torch.Tensor, feature: str, *, threshold: float = CONFIDENT,
+                    n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Measurement:
+    """The share of images a classifier names with probability >= ``threshold`` (softmax of ``logits``), with a
+    bootstrap interval: on unlabelled generated images, how often the judge is sure what it sees (a blob it cannot
+    read gets a hedged answer), to set beside the same share on real images."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    require_samples(len(logits), "confident_share")
+    sure = (logits.double().softmax(1).max(1).values >= threshold).double()
+    return mean_measurement("confident_share", sure, feature=feature, n_boot=n_boot, seed=seed,
+                            note=f"share of images whose predicted class has probability >= {threshold}")
 
 
 # --------------------------------------------------------------------------------------------- text alignment

@@ -600,10 +600,12 @@ def model_dataset(model) -> str | None:
 
 
 def feature_spaces() -> dict[str, dict]:
-    """The bundled feature networks: name -> {dataset, in_channels, image_size} (from their cards)."""
+    """The bundled feature networks the metrics measure in: name -> {dataset, in_channels, image_size} (from their
+    cards). A held-out judge (card role ``"judge"``, e.g. ``judge-shapes``) is a classifier only, never a metric space."""
     return {name: {"dataset": c.get("dataset"), "in_channels": (c.get("config") or {}).get("in_channels"),
                    "image_size": (c.get("config") or {}).get("image_size")}
-            for name, c in assets.manifest().items() if c.get("kind") == features.KIND}
+            for name, c in assets.manifest().items()
+            if c.get("kind") == features.KIND and c.get("role", features.METRICS) == features.METRICS}
 
 
 def _spaces_text() -> str:

@@ -139,7 +139,7 @@ def super_resolution(model, progress):
     return out
 
 
-SHAPES_JUDGE = "features-shapes"
+SHAPES_JUDGE = "judge-shapes"  # held-out classifier only; the shapes metrics measure in features-shapes
 
 
 def as_low_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -149,14 +149,16 @@ def as_low_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def shapes_judge(images: torch.Tensor, *, size: int = 32, seed: int = 0) -> dict:
-    """What the held-out judge (the features-shapes classifier, trained on the train split) makes of shapes images.
+    """What the held-out judge (the ``judge-shapes`` classifier, trained on the train split) makes of shapes images.
 
     ``judge_test_accuracy``: its accuracy on the 1000 real *test* images, whose labels are known (how good a judge
     it is). ``class_share_distance``: :func:`companion.metrics.class_share_distance` of ``images`` from those test
     images (an unconditional model has no requested class to score accuracy against). ``size`` < 32: the images
     come from a model of that resolution, upsampled to 32; the test images go through the same 2x2 pooling and
-    upsampling. ``shares`` / ``real_shares``: how often it finds each class of :data:`companion.data.SHAPES_CLASSES`
-    in ``images`` / in the test images.
+    upsampling. ``confident_share`` / ``real_confident_share``: :func:`companion.metrics.confident_share` of
+    ``images`` / of the test images (how often the judge is sure what it sees: generated images carry no label, so
+    its accuracy on them cannot be measured; how sure it is can). ``shares`` / ``real_shares``: how often it finds
+    each class of :data:`companion.data.SHAPES_CLASSES` in ``images`` / in the test images.
     """
     real, labels = data.shapes("test", 32)
     if size != 32:
@@ -165,6 +167,8 @@ def shapes_judge(images: torch.Tensor, *, size: int = 32, seed: int = 0) -> dict
     _, logits, _ = metrics.extract(images, SHAPES_JUDGE)
     return {"judge_test_accuracy": metrics.accuracy_from_logits(real_logits, labels, SHAPES_JUDGE, seed=seed),
             "class_share_distance": metrics.class_share_distance(logits, real_logits, SHAPES_JUDGE, seed=seed),
+            "confident_share": metrics.confident_share(logits, SHAPES_JUDGE, seed=seed),
+            "real_confident_share": metrics.confident_share(real_logits, SHAPES_JUDGE, seed=seed),
             "shares": metrics.class_shares(logits), "real_shares": metrics.class_shares(real_logits)}
 
 
@@ -186,12 +190,13 @@ def shapes_samples(model, progress):
     if _bundled("features-shapes"):
         ref = "train" if size == 32 else metrics.reference("features-shapes", images=real)
         out["fd_features_shapes"] = measurement_dict(metrics.frechet_distance(imgs, ref, feature="features-shapes"))
-        judged = shapes_judge(imgs, size=size)
-        out["judge"] = "features-shapes classifier (held-out: test split)"
-        out["judge_test_accuracy"] = measurement_dict(judged["judge_test_accuracy"])
-        out["judge_class_share_distance"] = measurement_dict(judged["class_share_distance"])
-        out["judge_class_shares"] = {"classes": list(data.SHAPES_CLASSES), "generated": judged["shares"],
-                                     "real_test": judged["real_shares"]}
+        if _bundled(SHAPES_JUDGE):
+            judged = shapes_judge(imgs, size=size)
+            out["judge"] = f"{SHAPES_JUDGE} classifier (held-out: test split)"
+            for key in ("judge_test_accuracy", "class_share_distance", "confident_share", "real_confident_share"):
+                out[key if key.startswith("judge") else f"judge_{key}"] = measurement_dict(judged[key])
+            out["judge_class_shares"] = {"classes": list(data.SHAPES_CLASSES), "generated": judged["shares"],
+                                         "real_test": judged["real_shares"]}
     else:  # colour statistics only (mean and std per channel, 6-d) until features-shapes is bundled
         def stats(a):
             return torch.cat([a.mean(dim=(2, 3)), a.std(dim=(2, 3))], 1).double()

@@ -217,6 +217,16 @@ _FEATURES = [
              net=dict(in_channels=3, image_size=32, num_classes=None, widths=(32, 64, 128), feature_dim=64)),
         steps=800, seed=0,
     ),
+    # The held-out judge of unconditional shapes samples (companion.quality.shapes_judge), not a metric space: one
+    # stride-2 layer more than features-shapes, so a unit sees a whole large shape (corners tell a square from a
+    # circle), and trained on all eight symmetries of the square, which do not change a shape's kind.
+    Recipe(
+        "judge-shapes", "held-out judge of shapes samples: a deeper CNN classifier of the large shape on 32x32 shapes",
+        FeatureNet,
+        dict(data="shapes", size=32, batch=64, lr=2e-3, shift=2, symmetries=True, role="judge",
+             net=dict(in_channels=3, image_size=32, num_classes=None, widths=(32, 64, 128, 128), feature_dim=64)),
+        steps=2000, seed=0,
+    ),
 ]
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType(

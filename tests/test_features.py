@@ -4,7 +4,8 @@ import torch
 
 from companion import assets, recipes
 from companion.data import digits
-from companion.features import FeatureNet, default_feature_net_name, load_feature_net
+from companion.features import (JUDGE, METRICS, FeatureNet, augmentation_text, default_feature_net_name, load_feature_net,
+                                train_feature_net)
 from companion.models import ModelError, load
 
 
@@ -79,7 +80,31 @@ def test_shapes_network_on_held_out_data():
     assert (logits.argmax(1) == y[:400]).float().mean() >= 0.8
 
 
-@pytest.mark.parametrize("name", ["features-digits", "features-shapes"])
+def test_shapes_judge_is_a_stronger_held_out_classifier_and_never_a_metric_space():
+    from companion import models
+    from companion.data import shapes
+
+    card = assets.verify(assets.models_dir() / "judge-shapes")
+    assert card["role"] == JUDGE and card["train_split"] == "train" and card["test_accuracy"] >= 0.97
+    assert assets.read_card(assets.models_dir() / "features-shapes")["test_accuracy"] < card["test_accuracy"]
+    x, y = shapes("test")
+    _, logits = load_feature_net("judge-shapes").extract(x[:400])
+    assert (logits.argmax(1) == y[:400]).float().mean() >= 0.97
+    # a square turned by a quarter turn or mirrored is still a square: the judge was trained on all eight symmetries
+    turned = torch.rot90(x[:400], 1, (2, 3)).flip(3)
+    assert (load_feature_net("judge-shapes").extract(turned)[1].argmax(1) == y[:400]).float().mean() >= 0.97
+    # the metrics never measure in a judge's space by default
+    assert "judge-shapes" not in models.feature_spaces()
+    assert models.feature_space_for(models.load("shapes-pixel")) == "features-shapes"
+
+
+def test_feature_network_role_is_checked(tmp_path):
+    cfg = dict(recipes.recipe("features-digits").config, role="referee")
+    with pytest.raises(ValueError, match="unknown feature-network role 'referee'; valid: metrics, judge"):
+        train_feature_net("x", cfg, tmp_path / "x", steps=1, progress=False)
+
+
+@pytest.mark.parametrize("name", ["features-digits", "features-shapes", "judge-shapes"])
 def test_bundled_feature_networks_are_what_their_recipes_make(name):
     rec = recipes.recipe(name)
     card = assets.read_card(assets.models_dir() / name)
@@ -87,4 +112,5 @@ def test_bundled_feature_networks_are_what_their_recipes_make(name):
     assert card["config"] == dict(net, num_classes=card["config"]["num_classes"])
     assert (card["steps"], card["seed"], card["batch_size"], card["lr"], card["dataset"]) == (
         rec.steps, rec.seed, rec.config["batch"], rec.config["lr"], rec.config["data"])
-    assert card["augmentation"] == f"random shift +-{rec.config['shift']} px"
+    assert card["augmentation"] == augmentation_text(rec.config["shift"], rec.config.get("symmetries", False))
+    assert card.get("role", METRICS) == rec.config.get("role", METRICS)

@@ -323,7 +323,40 @@ def test_shapes_judge_reads_real_test_images_as_real():
     x, _ = shapes("test", 32)
     judged = shapes_judge(x[:256])
     acc = judged["judge_test_accuracy"]
-    assert acc.n == 1000 and 0.8 < acc.value < 1.0  # how good a judge features-shapes is on held-out images
+    assert acc.n == 1000 and acc.value >= 0.97  # how good a judge judge-shapes is on held-out images
+    assert judged["class_share_distance"].feature == "judge-shapes"
     # a subset of the real test images is sorted like the whole test set: well inside the 0.15 margin
     assert judged["class_share_distance"].high < 0.15
     assert len(judged["shares"]) == 4 and sum(judged["shares"]) == pytest.approx(1.0, abs=0.01)
+    # it is sure of (almost) every real image, and of each of the 256 as of the whole test set
+    assert judged["real_confident_share"].n == 1000 and judged["real_confident_share"].value >= 0.95
+    assert judged["confident_share"].n == 256 and judged["confident_share"].value >= 0.95
+
+
+def test_shapes_judge_is_unsure_of_blobs_and_pools_them_into_few_classes():
+    """What the judge makes of images with no shape in them: each of the four real classes blurred into a blob (a
+    7x7 box blur, three times) is no longer read as its class, and the distance of the blobs' class shares from the
+    real ones grows well past the 0.15 margin chapter 02 judges a model by."""
+    from companion.data import shapes
+    from companion.quality import shapes_judge
+
+    x, _ = shapes("test", 32)
+    blob = x[:256]
+    for _ in range(3):
+        blob = F.avg_pool2d(F.pad(blob, (3, 3, 3, 3), mode="replicate"), 7, stride=1)
+    judged = shapes_judge(blob)
+    assert judged["class_share_distance"].low > 0.15
+    assert judged["confident_share"].value < judged["real_confident_share"].value
+
+
+def test_confident_share_counts_sure_predictions():
+    sure = torch.tensor([[10.0, 0, 0, 0]] * 30)
+    unsure = torch.zeros(30, 4)  # probability 0.25 each
+    m = M.confident_share(torch.cat([sure, unsure]), "judge")
+    assert m.value == pytest.approx(0.5) and m.n == 60 and m.low < 0.5 < m.high
+    assert M.confident_share(sure, "judge", threshold=0.99).value == 1.0
+    assert M.confident_share(unsure, "judge", threshold=0.2).value == 1.0
+    with pytest.raises(ValueError, match="threshold must lie strictly between 0 and 1, got 1.5"):
+        M.confident_share(sure, "judge", threshold=1.5)
+    with pytest.raises(ValueError, match="at least 20 samples"):
+        M.confident_share(sure[:5], "judge")

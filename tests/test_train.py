@@ -27,7 +27,8 @@ def _run(tmp_path, name="digits-cond", steps=4, sub="m", **kw):
 
 def test_recipes_are_complete_and_use_the_linear_schedule():
     assert set(recipes.RECIPES) >= {"digits-cond", "digits-noisy-clf", "shapes-ae", "shapes-latent", "shapes-pixel",
-                                    "shapes-base16", "shapes-sr32", "features-digits", "features-shapes"}
+                                    "shapes-base16", "shapes-sr32", "features-digits", "features-shapes",
+                                    "judge-shapes"}
     for name, r in recipes.RECIPES.items():
         assert r.description and r.steps > 0 and isinstance(r.seed, int), name
         assert r.task is FeatureNet or issubclass(r.task, train.Task), name
