@@ -94,7 +94,7 @@ _BASE = [
         dict(data="shapes", size=32, autoencoder="shapes-ae", batch=64, lr=1e-3, ema=0.999, warmup=100, hflip=True,
              high_t={"fraction": 0.5, "min": 400},
              unet=unet_config(8, 4, 4, (32, 64, 64), layers=1, attn=(False, False, True))),
-        steps=20000, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
+        steps=40000, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
     ),
     Recipe(
         "shapes-pixel",
