@@ -473,12 +473,30 @@ def run(rec, cfg: dict, *, steps: int, seed: int, out: Path, resume: bool = Fals
     return _finish(rec, task, ema, state, losses, cfg, seed, steps, out)
 
 
+def learning_rate(step: int, *, lr: float, warmup: int, steps: int | None = None, cooldown: float = 0.0) -> float:
+    """The learning rate at ``step`` (0-based): a linear warm-up over ``warmup`` steps, then constant; with
+    ``cooldown`` (a fraction of ``steps``, 0 < cooldown <= 1) the last ``round(cooldown * steps)`` steps fall
+    linearly towards 0 (warm-up, stable, decay). The cool-down lets the weights settle where a constant rate keeps
+    them moving; because it only touches the last steps, a finished constant-rate run can be extended by one
+    (``--resume`` with more steps and a ``cooldown``)."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 step, got {warmup}")
+    rate = lr * min(1.0, (step + 1) / warmup)
+    if cooldown:
+        if steps is None or steps < 1 or not 0 < cooldown <= 1:
+            raise ValueError(f"cooldown must be a fraction of the run's steps in (0, 1] with steps >= 1; "
+                             f"got cooldown={cooldown!r}, steps={steps!r}")
+        span = max(1, round(cooldown * steps))
+        rate *= min(1.0, (steps - step) / span)
+    return rate
+
+
 def optimise(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, *,
-             lr: float, warmup: int, ema_decay: float, where: str) -> None:
-    """One optimisation step as every training loop takes it: linear learning-rate warm-up over ``warmup`` steps, a
+             lr: float, warmup: int, ema_decay: float, where: str, steps: int | None = None, cooldown: float = 0.0) -> None:
+    """One optimisation step as every training loop takes it: the learning rate of :func:`learning_rate`, a
     refusal of a non-finite loss (``where`` names the run), gradients clipped to norm 1, the AdamW step, the EMA."""
     for group in opt.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        group["lr"] = learning_rate(step, lr=lr, warmup=warmup, steps=steps, cooldown=cooldown)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{where}: loss became {loss.item()} at step {step}; lower lr (now {lr:g})")
     opt.zero_grad(set_to_none=True)
@@ -492,7 +510,8 @@ def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, la
     while state["step"] < steps:
         step = state["step"]
         loss = task.loss(g)
-        optimise(net, ema, opt, loss, step, lr=cfg["lr"], warmup=cfg["warmup"], ema_decay=cfg["ema"], where=name)
+        optimise(net, ema, opt, loss, step, lr=cfg["lr"], warmup=cfg["warmup"], ema_decay=cfg["ema"], where=name,
+                 steps=steps, cooldown=cfg.get("cooldown", 0.0))
         losses.append(float(loss.detach()))
         state["step"] = step + 1
         state["seconds"] = time.perf_counter() - t_start

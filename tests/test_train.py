@@ -71,6 +71,36 @@ def test_training_is_reproducible_and_resume_is_exact(tmp_path):
     assert not torch.equal(weights(other_seed)["conv_in.weight"], a["conv_in.weight"])
 
 
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
+    lr = [train.learning_rate(s, lr=1e-3, warmup=10, steps=100, cooldown=0.2) for s in range(100)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # linear warm-up over 10 steps
+    assert all(x == pytest.approx(1e-3) for x in lr[10:81])  # constant until the last 20 steps
+    assert lr[90] == pytest.approx(0.5e-3) and lr[99] == pytest.approx(0.05e-3)  # linear towards 0 over 20 steps
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert train.learning_rate(10**6, lr=1e-3, warmup=10) == 1e-3  # no cool-down: constant for ever
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=f"cooldown={bad!r}"):
+            train.learning_rate(0, lr=1e-3, warmup=10, steps=100, cooldown=bad)
+    with pytest.raises(ValueError, match="steps=None"):
+        train.learning_rate(0, lr=1e-3, warmup=10, cooldown=0.2)
+
+
+def test_a_cooldown_extends_a_finished_constant_rate_run_exactly(tmp_path):
+    cool = dict(TINY_UNET, cooldown=0.5)
+    straight = _run(tmp_path, steps=6, sub="straight", config=cool)
+    _run(tmp_path, steps=3, sub="extended")  # a finished run at a constant rate ...
+    extended = _run(tmp_path, steps=6, sub="extended", resume=True, config=cool)  # ... whose last 3 steps cool down
+    constant = _run(tmp_path, steps=6, sub="constant")
+
+    def weights(folder):
+        return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+    a, b, c = weights(straight), weights(extended), weights(constant)
+    assert all(torch.equal(a[k], b[k]) for k in a), "extending a run with a cool-down differs from training with one"
+    assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])  # the cool-down changed the steps it covers
+    assert assets.read_card(straight)["config"]["cooldown"] == 0.5
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         _run(tmp_path, resume=True)
