@@ -47,12 +47,12 @@ def main(argv=None) -> dict:
         for sigma in SIGMAS:
             decoded = model.decode(z + sigma * torch.randn(z.shape, generator=g)).clamp(-1, 1)
             _, logits, _ = metrics.extract(decoded, "judge-shapes")
-            prob = logits.softmax(1)
-            pred = prob.argmax(1)
+            pred = logits.argmax(1)
+            sure = metrics.confident_share(logits, "judge-shapes")
             rows.append({"sigma": sigma,
                          "accuracy": {c: round(float((pred[y == i] == i).float().mean()), 3) for i, c in enumerate(SHAPES_CLASSES)},
-                         "shares": {c: round(float((pred == i).float().mean()), 3) for i, c in enumerate(SHAPES_CLASSES)},
-                         "sure": round(float((prob.max(1).values >= 0.9).float().mean()), 3)})
+                         "shares": dict(zip(SHAPES_CLASSES, metrics.class_shares(logits))),
+                         "sure": round(sure.value, 3), "sure_interval": [round(sure.low, 3), round(sure.high, 3)]})
     result = {"machine": machine(), "model": "shapes-latent", "autoencoder_sha256": model.card["files"]["vae/diffusion_pytorch_model.safetensors"]["sha256"],
               "n_images": len(x), "latent_std": round(float(z.std()), 3), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -61,10 +61,10 @@ def main(argv=None) -> dict:
     lines = ["# Latent noise probe: what the judge reads after noise in shapes-latent's standardised latents", "",
              f"`.venv/bin/python benchmarks/latent_noise_probe.py --threads {args.threads}`; {len(x)} real test images, encoded, "
              f"white noise of std sigma added to the standardised latents (their std: {result['latent_std']}), decoded, "
-             "judged by judge-shapes (per-class accuracy against the true labels; sure: p >= 0.9).", "",
-             f"| sigma | {head} | judge sure |", "|---" * (len(SHAPES_CLASSES) + 2) + "|"]
+             "judged by judge-shapes (per-class accuracy against the true labels; sure: p >= 0.9, 95 % bootstrap interval).", "",
+             f"| sigma | {head} | judge sure [95 %] |", "|---" * (len(SHAPES_CLASSES) + 2) + "|"]
     for r in rows:
-        lines.append(f"| {r['sigma']} | " + " | ".join(f"{r['accuracy'][c]:.3f}" for c in SHAPES_CLASSES) + f" | {r['sure']:.3f} |")
+        lines.append(f"| {r['sigma']} | " + " | ".join(f"{r['accuracy'][c]:.3f}" for c in SHAPES_CLASSES) + f" | {r['sure']:.3f} [{r['sure_interval'][0]:.3f}, {r['sure_interval'][1]:.3f}] |")
     (RESULTS / "latent_noise_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
