@@ -140,18 +140,22 @@ class DiffusionTask(Task):
         return F.mse_loss(self.net(x_t, t, **kwargs).sample, target)
 
     def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """Uniform training timesteps, or (``high_t``) a share of them drawn from the noisiest range.
+        """Uniform training timesteps, or (``high_t``) a share of them drawn from one range.
 
         Short runs on images with large uniform regions learn the high-noise range last, and samplers start
         there: errors at t > ~600 drive every sampler out of range. ``high_t = {"fraction": f, "min": m}``
-        draws a fraction f of the timesteps from [m, T).
+        draws a fraction f of the timesteps from [m, T); an optional ``"max": M`` ends the range at M instead
+        (a model whose classes are decided at middle noise levels can see those more often).
         """
         T = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (n,), generator=g)
         high = self.cfg.get("high_t")
         if high:
+            lo, hi = high["min"], high.get("max", T)
+            if not 0 <= lo < hi <= T or not 0 < high["fraction"] <= 1:
+                raise ValueError(f"high_t needs 0 <= min < max <= {T} and 0 < fraction <= 1, got {high!r}")
             pick = torch.rand(n, generator=g) < high["fraction"]
-            t = torch.where(pick, torch.randint(high["min"], T, (n,), generator=g), t)
+            t = torch.where(pick, torch.randint(lo, hi, (n,), generator=g), t)
         return t
 
     def model(self, unet) -> DiffusionModel:

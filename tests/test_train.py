@@ -85,6 +85,27 @@ def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
         train.learning_rate(0, lr=1e-3, warmup=10, cooldown=0.2)
 
 
+def test_training_timesteps_follow_the_configured_range():
+    sched = argparse.Namespace(config=argparse.Namespace(num_train_timesteps=1000))
+
+    def draw(high_t, n=40000):
+        task = argparse.Namespace(scheduler=sched, cfg={"high_t": high_t})
+        return train.DiffusionTask.timesteps(task, n, torch.Generator().manual_seed(0))
+
+    uniform = draw(None)
+    assert uniform.min() == 0 and uniform.max() == 999
+    assert float((uniform < 400).float().mean()) == pytest.approx(0.4, abs=0.01)
+    high = draw({"fraction": 0.5, "min": 400})  # half uniform, half from [400, 1000)
+    assert float((high < 400).float().mean()) == pytest.approx(0.2, abs=0.01)
+    window = draw({"fraction": 0.5, "min": 100, "max": 600})  # half uniform, half from [100, 600)
+    inside = float(((window >= 100) & (window < 600)).float().mean())
+    assert inside == pytest.approx(0.5 + 0.5 * 0.5, abs=0.01) and window.max() == 999
+    for bad in ({"fraction": 0.5, "min": 600, "max": 100}, {"fraction": 0.5, "min": 0, "max": 1001},
+                {"fraction": 0.0, "min": 400}):
+        with pytest.raises(ValueError, match="high_t needs"):
+            draw(bad, n=4)
+
+
 def test_a_cooldown_extends_a_finished_constant_rate_run_exactly(tmp_path):
     cool = dict(TINY_UNET, cooldown=0.5)
     straight = _run(tmp_path, steps=6, sub="straight", config=cool)
