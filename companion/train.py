@@ -112,6 +112,16 @@ class Task(abc.ABC):
         return {}
 
 
+def high_t_at(high_t, step: int) -> dict | None:
+    """The ``high_t`` spec in force at ``step``: ``high_t`` itself, or the last ``[start_step, spec]`` phase begun."""
+    if not isinstance(high_t, (list, tuple)):
+        return high_t
+    starts = [p[0] for p in high_t]
+    if not high_t or starts[0] != 0 or starts != sorted(set(starts)):
+        raise ValueError(f"high_t phases need increasing start steps beginning at 0, got {high_t!r}")
+    return [spec for start, spec in high_t if start <= step][-1]
+
+
 class DiffusionTask(Task):
     """A pixel-space UNet (class-conditional with class dropout when the config has ``num_classes``)."""
 
@@ -145,11 +155,13 @@ class DiffusionTask(Task):
         Short runs on images with large uniform regions learn the high-noise range last, and samplers start
         there: errors at t > ~600 drive every sampler out of range. ``high_t = {"fraction": f, "min": m}``
         draws a fraction f of the timesteps from [m, T); an optional ``"max": M`` ends the range at M instead
-        (a model whose classes are decided at middle noise levels can see those more often).
+        (a model whose classes are decided at middle noise levels can see those more often). ``high_t`` may
+        also be a list of ``[start_step, spec]`` phases (``spec`` a dict as above, or None for uniform): from
+        each start step on, its spec applies, so a run continued with another range is one recipe.
         """
         T = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (n,), generator=g)
-        high = self.cfg.get("high_t")
+        high = high_t_at(self.cfg.get("high_t"), getattr(self, "step", 0))
         if high:
             lo, hi = high["min"], high.get("max", T)
             if not 0 <= lo < hi <= T or not 0 < high["fraction"] <= 1:
@@ -513,6 +525,7 @@ def optimise(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimi
 def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start) -> None:
     while state["step"] < steps:
         step = state["step"]
+        task.step = step  # what a phased config (high_t phases) is at
         loss = task.loss(g)
         optimise(net, ema, opt, loss, step, lr=cfg["lr"], warmup=cfg["warmup"], ema_decay=cfg["ema"], where=name,
                  steps=steps, cooldown=cfg.get("cooldown", 0.0))

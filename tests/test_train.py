@@ -122,6 +122,25 @@ def test_a_cooldown_extends_a_finished_constant_rate_run_exactly(tmp_path):
     assert assets.read_card(straight)["config"]["cooldown"] == 0.5
 
 
+def test_a_run_continued_with_another_timestep_range_is_one_phased_recipe(tmp_path):
+    first, then = {"fraction": 0.5, "min": 400}, {"fraction": 0.5, "min": 100, "max": 600}
+    phased = _run(tmp_path, steps=6, sub="phased", config=dict(TINY_UNET, high_t=[[0, first], [3, then]]))
+    _run(tmp_path, steps=3, sub="continued", config=dict(TINY_UNET, high_t=first))
+    continued = _run(tmp_path, steps=6, sub="continued", resume=True, config=dict(TINY_UNET, high_t=then))
+    unchanged = _run(tmp_path, steps=6, sub="unchanged", config=dict(TINY_UNET, high_t=first))
+
+    def weights(folder):
+        return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+    a, b, c = weights(phased), weights(continued), weights(unchanged)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a phased run differs from the run it describes"
+    assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])  # the second phase changed the training
+    assert train.high_t_at([[0, first], [3, None]], 2) == first and train.high_t_at([[0, first], [3, None]], 3) is None
+    for bad in ([[1, first]], [[0, first], [0, then]], [[0, first], [5, then], [3, None]], []):
+        with pytest.raises(ValueError, match="high_t phases"):
+            train.high_t_at(bad, 0)
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         _run(tmp_path, resume=True)
