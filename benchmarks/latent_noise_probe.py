@@ -47,10 +47,11 @@ def main(argv=None) -> dict:
         for sigma in SIGMAS:
             decoded = model.decode(z + sigma * torch.randn(z.shape, generator=g)).clamp(-1, 1)
             _, logits, _ = metrics.extract(decoded, "judge-shapes")
-            pred = logits.argmax(1)
             sure = metrics.confident_share(logits, "judge-shapes")
+            accuracy = {c: metrics.accuracy_from_logits(logits[y == i], y[y == i], "judge-shapes") for i, c in enumerate(SHAPES_CLASSES)}
             rows.append({"sigma": sigma,
-                         "accuracy": {c: round(float((pred[y == i] == i).float().mean()), 3) for i, c in enumerate(SHAPES_CLASSES)},
+                         "accuracy": {c: round(m.value, 3) for c, m in accuracy.items()},
+                         "accuracy_interval": {c: [round(m.low, 3), round(m.high, 3)] for c, m in accuracy.items()},
                          "shares": dict(zip(SHAPES_CLASSES, metrics.class_shares(logits))),
                          "sure": round(sure.value, 3), "sure_interval": [round(sure.low, 3), round(sure.high, 3)]})
     result = {"machine": machine(), "model": "shapes-latent", "autoencoder_sha256": model.card["files"]["vae/diffusion_pytorch_model.safetensors"]["sha256"],

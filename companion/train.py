@@ -82,6 +82,7 @@ class Task(abc.ABC):
 
     def __init__(self, rec, cfg: dict):
         self.rec, self.cfg = rec, cfg
+        self.step = 0  # the training step the loop is at (phased configs, e.g. high_t phases, read it)
         self.x, self.y = data.images(cfg["data"], cfg["size"])
         if cfg.get("limit"):  # the first `limit` training images only (quick checks of a recipe's plumbing)
             self.x, self.y = self.x[: cfg["limit"]], self.y[: cfg["limit"]]
@@ -161,7 +162,7 @@ class DiffusionTask(Task):
         """
         T = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (n,), generator=g)
-        high = high_t_at(self.cfg.get("high_t"), getattr(self, "step", 0))
+        high = high_t_at(self.cfg.get("high_t"), self.step)
         if high:
             lo, hi = high["min"], high.get("max", T)
             if not 0 <= lo < hi <= T or not 0 < high["fraction"] <= 1:
@@ -525,7 +526,7 @@ def optimise(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimi
 def _loop(task, net, ema, opt, g, state, cfg, steps, name, bar, losses, ckpt, last_ckpt, t_start) -> None:
     while state["step"] < steps:
         step = state["step"]
-        task.step = step  # what a phased config (high_t phases) is at
+        task.step = step
         loss = task.loss(g)
         optimise(net, ema, opt, loss, step, lr=cfg["lr"], warmup=cfg["warmup"], ema_decay=cfg["ema"], where=name,
                  steps=steps, cooldown=cfg.get("cooldown", 0.0))

@@ -25,6 +25,10 @@ def _run(tmp_path, name="digits-cond", steps=4, sub="m", **kw):
     return recipes.run_recipe(name, steps=steps, out=tmp_path / sub, progress=False, measure=kw.pop("measure", False), **kw)
 
 
+def _unet_weights(folder):
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
 def test_recipes_are_complete_and_use_the_linear_schedule():
     assert set(recipes.RECIPES) >= {"digits-cond", "digits-noisy-clf", "shapes-ae", "shapes-latent", "shapes-pixel",
                                     "shapes-base16", "shapes-sr32", "features-digits", "features-shapes",
@@ -59,16 +63,13 @@ def test_training_is_reproducible_and_resume_is_exact(tmp_path):
     _run(tmp_path, steps=3, sub="resumed")
     resumed = _run(tmp_path, steps=6, sub="resumed", resume=True)
 
-    def weights(folder):
-        return load_file(str(next((folder / "unet").glob("*.safetensors"))))
-
-    a, b, c = weights(straight), weights(again), weights(resumed)
+    a, b, c = _unet_weights(straight), _unet_weights(again), _unet_weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), f"same seed, different weights: {k}"
         assert torch.equal(a[k], c[k]), f"resumed run differs from the straight run: {k}"
     assert assets.read_card(resumed)["final_loss"] == assets.read_card(straight)["final_loss"]
     other_seed = _run(tmp_path, steps=6, sub="seed1", seed=1)
-    assert not torch.equal(weights(other_seed)["conv_in.weight"], a["conv_in.weight"])
+    assert not torch.equal(_unet_weights(other_seed)["conv_in.weight"], a["conv_in.weight"])
 
 
 def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
@@ -89,7 +90,7 @@ def test_training_timesteps_follow_the_configured_range():
     sched = argparse.Namespace(config=argparse.Namespace(num_train_timesteps=1000))
 
     def draw(high_t, n=40000):
-        task = argparse.Namespace(scheduler=sched, cfg={"high_t": high_t})
+        task = argparse.Namespace(scheduler=sched, cfg={"high_t": high_t}, step=0)
         return train.DiffusionTask.timesteps(task, n, torch.Generator().manual_seed(0))
 
     uniform = draw(None)
@@ -113,10 +114,7 @@ def test_a_cooldown_extends_a_finished_constant_rate_run_exactly(tmp_path):
     extended = _run(tmp_path, steps=6, sub="extended", resume=True, config=cool)  # ... whose last 3 steps cool down
     constant = _run(tmp_path, steps=6, sub="constant")
 
-    def weights(folder):
-        return load_file(str(next((folder / "unet").glob("*.safetensors"))))
-
-    a, b, c = weights(straight), weights(extended), weights(constant)
+    a, b, c = _unet_weights(straight), _unet_weights(extended), _unet_weights(constant)
     assert all(torch.equal(a[k], b[k]) for k in a), "extending a run with a cool-down differs from training with one"
     assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])  # the cool-down changed the steps it covers
     assert assets.read_card(straight)["config"]["cooldown"] == 0.5
@@ -129,10 +127,7 @@ def test_a_run_continued_with_another_timestep_range_is_one_phased_recipe(tmp_pa
     continued = _run(tmp_path, steps=6, sub="continued", resume=True, config=dict(TINY_UNET, high_t=then))
     unchanged = _run(tmp_path, steps=6, sub="unchanged", config=dict(TINY_UNET, high_t=first))
 
-    def weights(folder):
-        return load_file(str(next((folder / "unet").glob("*.safetensors"))))
-
-    a, b, c = weights(phased), weights(continued), weights(unchanged)
+    a, b, c = _unet_weights(phased), _unet_weights(continued), _unet_weights(unchanged)
     assert all(torch.equal(a[k], b[k]) for k in a), "a phased run differs from the run it describes"
     assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])  # the second phase changed the training
     assert train.high_t_at([[0, first], [3, None]], 2) == first and train.high_t_at([[0, first], [3, None]], 3) is None
