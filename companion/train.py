@@ -24,6 +24,7 @@ import abc
 import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -229,16 +230,26 @@ class SRTask(DiffusionTask):
 
 
 class LatentTask(DiffusionTask):
-    """A UNet on standardised latents of a trained autoencoder (the config's ``autoencoder``)."""
+    """A UNet on standardised latents of a trained autoencoder (the config's ``autoencoder``).
+
+    ``latent_scale`` (default 1) multiplies the standardised latents, so the data have that standard deviation per
+    channel. At a given timestep the signal-to-noise ratio is ``latent_scale ** 2`` times that of unit-variance data:
+    the schedule is shifted towards less noise, as a low-resolution space needs (an 8x8 latent has little
+    redundancy, so the same noise erases its content at smaller t than it erases a 32x32 image's). The scale is
+    folded into the saved ``latent_std``, so loading and decoding need nothing new.
+    """
 
     def __init__(self, rec, cfg):
+        scale = cfg.get("latent_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"latent_scale must be a finite number > 0, got {scale!r}")
         self.vae = load(cfg["autoencoder"], device="cpu")
         super().__init__(rec, cfg)
         with torch.no_grad():
             z = torch.cat([self._encode(self.x[i : i + 250]) for i in range(0, self.x.shape[0], 250)])
             zf = torch.cat([self._encode(self.x[i : i + 250].flip(-1)) for i in range(0, self.x.shape[0], 250)])
         self.mean = z.mean(dim=(0, 2, 3))
-        self.std = z.std(dim=(0, 2, 3))
+        self.std = z.std(dim=(0, 2, 3)) / float(scale)
         self.z = (z - self.mean[None, :, None, None]) / self.std[None, :, None, None]
         self.zf = (zf - self.mean[None, :, None, None]) / self.std[None, :, None, None]
 

@@ -165,6 +165,29 @@ def test_autoencoder_and_latent_recipes_chain(tmp_path):
     assert lat.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
 
 
+def test_a_latent_scale_shifts_the_latents_signal_and_decodes_the_same_images(tmp_path):
+    """latent_scale s makes the training latents' per-channel std s (SNR s**2 times unit-variance data at every t),
+    and the saved model decodes a scaled latent to the same image as the unscaled model decodes the unscaled one."""
+    ae_cfg = dict(vae=dict(recipes.RECIPES["shapes-ae"].config["vae"], block_out_channels=[8, 8, 8], norm_num_groups=8), batch=8)
+    ae = _run(tmp_path, "shapes-ae", steps=2, sub="ae", config=dict(ae_cfg, limit=200))
+    lat_cfg = dict(autoencoder=str(ae), unet=recipes.unet_config(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8, limit=200)
+    rec = recipes.RECIPES["shapes-latent"]
+    tasks = {s: train.LatentTask(rec, dict(rec.config, **lat_cfg, **({} if s == 1 else {"latent_scale": s}))) for s in (1, 3.0)}
+    for s, task in tasks.items():
+        assert torch.allclose(task.z.std(dim=(0, 2, 3)), torch.full((4,), float(s)), rtol=1e-3)
+        assert torch.allclose(task.z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4 * s)
+    assert torch.allclose(tasks[3.0].z, 3.0 * tasks[1].z, rtol=1e-4, atol=1e-5)
+    lat = {s: models.load(_run(tmp_path, "shapes-latent", steps=1, sub=f"lat{s}", config=dict(lat_cfg, latent_scale=s)), device="cpu")
+           for s in (1, 3.0)}
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lat[3.0].decode(3.0 * z), lat[1].decode(z), atol=1e-5)
+    x = data.shapes("test", size=32)[0][:4]
+    assert torch.allclose(lat[3.0].encode(x), 3.0 * lat[1].encode(x), rtol=1e-4, atol=1e-4)
+    for bad in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(ValueError, match=r"latent_scale must be a finite number > 0, got"):
+            train.LatentTask(rec, dict(rec.config, **lat_cfg, latent_scale=bad))
+
+
 def test_v_prediction_recipe_learns_v_and_samples_through_eps(tmp_path):
     """The same shortened recipe trained for eps and for v: each network's raw output moves towards its own
     target (measured on real images noised to t = 600), the v model says so in its card, and its predict_noise
