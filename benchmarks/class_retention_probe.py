@@ -1,13 +1,13 @@
 """Where does a shapes model decide the shape? Real images noised to timestep t, denoised by the model, judged.
 
-The bundled shapes-latent model makes too few triangles (benchmarks/results/shapes_latent_candidates.md). This probe
-asks at which noise level a model keeps or loses the shape it is given: each real test image is noised to timestep
-t with the forward process and denoised by the model (SDEdit-style, ``companion.partial.sample_from``, DDIM in 10
-steps from t; the same forward noise for every model), and the held-out judge (judge-shapes) names the result. Per
-class: the share still named as the class it started as (its *retention*, 95 % bootstrap interval), and the shares
-of every class among the results. At small t every model keeps the shape; at t near 1000 nothing of the start is
-left and the shares are the model's own. A model that loses one class to another at some middle t has learnt that
-range worse for that class.
+The shapes-latent model bundled until the third round (unscaled latents) made too few triangles
+(benchmarks/results/shapes_latent_candidates.md). This probe asks at which noise level a model keeps or loses the
+shape it is given: each real test image is noised to timestep t with the forward process and denoised by the model
+(SDEdit-style, ``companion.partial.sample_from``, DDIM in 10 steps from t; the same forward noise for every model),
+and the held-out judge (judge-shapes) names the result. Per class: the share still named as the class it started as
+(its *retention*, 95 % bootstrap interval), and the shares of every class among the results. At small t every model
+keeps the shape; at t near 1000 nothing of the start is left and the shares are the model's own. A model that loses
+one class to another at some middle t has learnt that range worse for that class.
 
     .venv/bin/python benchmarks/class_retention_probe.py [--models shapes-latent shapes-pixel] [--n 400] [--threads 2]
 

@@ -1,12 +1,13 @@
 """Is the latent shapes model's decoder fragile? Noise in the latent against what the judge reads after decoding.
 
-The bundled shapes-latent model makes too few triangles and too many images the judge can only call a circle
-(benchmarks/results/shapes_latent_candidates.md). Two suspects: the latent UNet makes latents of in-between shapes,
-or the decoder turns any small latent error into a rounded blob. This probe tests the second: it encodes the 1000
-real test images, adds white Gaussian noise of standard deviation sigma to the *standardised* latents (the space
-the UNet samples in, per-channel std 1), decodes, and asks the held-out judge (judge-shapes) what it sees: its
-accuracy per class against the true labels, the shares it finds and how often it is sure (p >= 0.9). If triangles
-survive noise far larger than a sampler's error, the decoder is not what rounds them off.
+The shapes-latent model bundled until the third round of candidates (40,000 steps, unscaled latents) made too few
+triangles and too many images the judge could only call a circle (benchmarks/results/shapes_latent_candidates.md).
+Two suspects: the latent UNet makes latents of in-between shapes, or the decoder turns any small latent error into a
+rounded blob. This probe tests the second: it encodes the 1000 real test images, adds white Gaussian noise of
+standard deviation sigma to the *standardised* latents (the space the UNet samples in, per-channel std 1, or the
+recipe's latent_scale; the result file states it), decodes, and asks the held-out judge (judge-shapes) what it sees:
+its accuracy per class against the true labels, the shares it finds and how often it is sure (p >= 0.9). If
+triangles survive noise far larger than a sampler's error, the decoder is not what rounds them off.
 
     .venv/bin/python benchmarks/latent_noise_probe.py [--threads 2]
 

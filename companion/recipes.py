@@ -92,9 +92,9 @@ _BASE = [
         "latent UNet on standardised shapes-ae latents (4x8x8); decode gives 32x32 images",
         LatentTask,
         dict(data="shapes", size=32, autoencoder="shapes-ae", batch=64, lr=1e-3, ema=0.999, warmup=100, hflip=True,
-             high_t={"fraction": 0.5, "min": 400},
+             high_t={"fraction": 0.5, "min": 400}, latent_scale=4,
              unet=unet_config(8, 4, 4, (32, 64, 64), layers=1, attn=(False, False, True))),
-        steps=40000, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
+        steps=20000, seed=0, depends_on=("shapes-ae",), quality=quality.shapes_samples,
     ),
     Recipe(
         "shapes-pixel",

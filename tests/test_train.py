@@ -172,7 +172,7 @@ def test_a_latent_scale_shifts_the_latents_signal_and_decodes_the_same_images(tm
     ae = _run(tmp_path, "shapes-ae", steps=2, sub="ae", config=dict(ae_cfg, limit=200))
     lat_cfg = dict(autoencoder=str(ae), unet=recipes.unet_config(8, 4, 4, (8, 8, 8), attn=(False, False, False)), batch=8, limit=200)
     rec = recipes.RECIPES["shapes-latent"]
-    tasks = {s: train.LatentTask(rec, dict(rec.config, **lat_cfg, **({} if s == 1 else {"latent_scale": s}))) for s in (1, 3.0)}
+    tasks = {s: train.LatentTask(rec, dict(rec.config, **lat_cfg, latent_scale=s)) for s in (1, 3.0)}
     for s, task in tasks.items():
         assert torch.allclose(task.z.std(dim=(0, 2, 3)), torch.full((4,), float(s)), rtol=1e-3)
         assert torch.allclose(task.z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4 * s)
