@@ -1,4 +1,4 @@
-"""Judge shapes-latent candidates against the bundled model by the rule of the third round, from their cards.
+"""Judge shapes-latent candidates against a baseline model by the rule of the third round, from their cards.
 
 The rule (benchmarks/results/shapes_latent_candidates.md, "Third round", fixed before the candidates were measured),
 judged with chapter 02's own rules (``companion.verdicts``) on each card's quality block (300 samples, DDIM-20, seed 1):
@@ -7,9 +7,14 @@ judged with chapter 02's own rules (``companion.verdicts``) on each card's quali
 2. *keeps quality* does not fail: FD (features-shapes) at most 25 % worse than the bundled model's card FD
    (non-inferiority, MOVER interval); at 300 samples it cannot pass, so it only refuses a candidate shown worse.
 
+The baseline is the bundled model unless ``--baseline`` names a model folder or a card file. The committed third-round
+result was judged against the model bundled then (40,000 steps, unscaled latents), whose card is
+``results/shapes_latent_candidates/installed_eps_40k.json``; to reproduce it, pass that file.
+
 Among qualifiers the lowest upper end of the class-share interval wins.
 
-    .venv/bin/python benchmarks/judge_latent_candidates.py F=/tmp/tF/shapes-latent G=/tmp/tG/shapes-latent [--tag third_round]
+    .venv/bin/python benchmarks/judge_latent_candidates.py F=/tmp/tF/shapes-latent G=/tmp/tG/shapes-latent \
+        --baseline benchmarks/results/shapes_latent_candidates/installed_eps_40k.json [--tag third_round]
 
 Writes benchmarks/results/shapes_latent_candidates/judged_TAG.json and prints one line per candidate.
 """
@@ -40,8 +45,18 @@ def card_measure(card: dict, key: str, name: str) -> Measurement:
     return Measurement(name, m["value"], m["low"], m["high"], m["n"], m["feature"])
 
 
+def read_baseline(where: str | None) -> dict:
+    """The baseline's card: the bundled model's (``None``), a model folder's, or a card file's."""
+    if where is None:
+        return assets.manifest()[BUNDLED]
+    path = Path(where)
+    if path.is_file():
+        return json.loads(path.read_text())
+    return assets.read_card(path)
+
+
 def judge_cards(candidates: dict[str, dict], installed: dict) -> dict:
-    """The third round's rule applied to each candidate card against the installed card."""
+    """The third round's rule applied to each candidate card against the baseline (``installed``) card."""
     fd_installed = card_measure(installed, "fd_features_shapes", "FD")
     n = fd_installed.n
     recognisable = Rule("recognisable by the judge", "class-share distance (judge-shapes)", "threshold",
@@ -74,6 +89,7 @@ def judge_cards(candidates: dict[str, dict], installed: dict) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("candidates", nargs="+", help="LABEL=FOLDER of a trained shapes-latent candidate (its card is read)")
+    p.add_argument("--baseline", default=None, help="model folder or card file to judge against (default: the bundled model)")
     p.add_argument("--tag", default="third_round")
     a = p.parse_args(argv)
     cands = {}
@@ -82,10 +98,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"candidate {item!r} must be LABEL=FOLDER")
         label, folder = item.split("=", 1)
         cands[label] = assets.read_card(Path(folder))
-    out = judge_cards(cands, assets.manifest()[BUNDLED])
+    out = judge_cards(cands, read_baseline(a.baseline))
+    out["baseline"] = a.baseline or f"bundled {BUNDLED}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"judged_{a.tag}.json").write_text(json.dumps(out, indent=1) + "\n")
-    print("installed: recognisable", out["installed"]["recognisable"])
+    print(f"baseline ({out['baseline']}): recognisable", out["installed"]["recognisable"])
     for label, c in out["candidates"].items():
         print(f"{label}: recognisable {c['recognisable']} | keeps quality {c['keeps_quality']} | qualifies {c['qualifies']}")
     print("winner:", out["winner"])
