@@ -62,11 +62,10 @@ def judge_cards(candidates: dict[str, dict], installed: dict) -> dict:
     recognisable = Rule("recognisable by the judge", "class-share distance (judge-shapes)", "threshold",
                         higher_is_better=False, n=n, margin=0.15)
     keeps_quality = Rule("keeps quality", "FD (features-shapes)", "non-inferiority", higher_is_better=False, n=n, margin=0.25)
+    csd_installed = card_measure(installed, "judge_class_share_distance", "class-share distance")
     out = {"rule": [recognisable.describe(), keeps_quality.describe() + " (guard: must not fail)"],
-           "installed": {"fd": fd_installed.as_dict(),
-                         "class_share_distance": card_measure(installed, "judge_class_share_distance", "class-share distance").as_dict(),
-                         "recognisable": judge(recognisable, card_measure(installed, "judge_class_share_distance",
-                                                                          "class-share distance")).outcome},
+           "installed": {"fd": fd_installed.as_dict(), "class_share_distance": csd_installed.as_dict(),
+                         "recognisable": judge(recognisable, csd_installed).outcome},
            "candidates": {}}
     for label, card in candidates.items():
         csd = card_measure(card, "judge_class_share_distance", "class-share distance")
